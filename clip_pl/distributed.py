@@ -1,0 +1,56 @@
+"""Collectives the contrastive losses need, with the gradients they must carry.
+
+All functions degrade to the identity when ``torch.distributed`` is not initialised, so the same
+code runs on one CPU process, on gloo and on NCCL.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def rank_and_world_size() -> tuple[int, int]:
+    """This process's rank and the number of processes (0, 1 outside distributed runs)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class _AllGatherWithGrad(torch.autograd.Function):
+    """Concatenates equal-shaped tensors from every rank along dim 0, keeping gradients.
+
+    Backward: every rank holds a gradient for the whole gathered tensor (its loss used all of it as
+    negatives); the gradient of this rank's slice is the sum of those over ranks. A plain
+    ``all_gather`` drops the other ranks' contributions and a full N x N loss on every rank
+    multiplies this one by the world size; the sum is what makes DDP's mean come out exact.
+    """
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        rank, world_size = rank_and_world_size()
+        ctx.rank, ctx.batch = rank, tensor.shape[0]
+        parts = [torch.empty_like(tensor) for _ in range(world_size)]
+        dist.all_gather(parts, tensor.contiguous())
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        if dist.get_backend() == dist.Backend.NCCL:
+            out = grad.new_empty((ctx.batch, *grad.shape[1:]))
+            dist.reduce_scatter_tensor(out, grad)
+            return out
+        # gloo has no reduce-scatter; the features are small, so an all-reduce costs little more.
+        dist.all_reduce(grad)
+        return grad.narrow(0, ctx.rank * ctx.batch, ctx.batch)
+
+
+def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """``[B, ...]`` on each of W ranks to ``[W * B, ...]`` in rank order, differentiable.
+
+    Every rank must pass the same shape; the data pipeline guarantees equal batches.
+    """
+    if rank_and_world_size()[1] == 1:
+        return tensor
+    return _AllGatherWithGrad.apply(tensor)
