@@ -54,3 +54,23 @@ def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     if rank_and_world_size()[1] == 1:
         return tensor
     return _AllGatherWithGrad.apply(tensor)
+
+
+@torch.no_grad()
+def all_gather_uneven(tensor: torch.Tensor) -> torch.Tensor:
+    """All ranks' ``[n_r, ...]`` tensors concatenated in rank order, for any ``n_r``; no gradient.
+
+    For evaluation, where ranks hold different numbers of samples.
+    """
+    _, world_size = rank_and_world_size()
+    if world_size == 1:
+        return tensor
+    size = torch.tensor([tensor.shape[0]], device=tensor.device)
+    sizes = [torch.zeros_like(size) for _ in range(world_size)]
+    dist.all_gather(sizes, size)
+    counts = [int(s.item()) for s in sizes]
+    padded = tensor.new_zeros((max(counts), *tensor.shape[1:]))
+    padded[: tensor.shape[0]] = tensor
+    parts = [torch.empty_like(padded) for _ in range(world_size)]
+    dist.all_gather(parts, padded.contiguous())
+    return torch.cat([part[:n] for part, n in zip(parts, counts)])

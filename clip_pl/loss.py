@@ -27,7 +27,8 @@ class ClipLoss(nn.Module):
     """Symmetric cross-entropy over ``logit_scale * cos(image, text)`` (CLIP).
 
     Inputs are L2-normalized features ``[B, D]`` of this rank's pairs and the logit multiplier
-    (``exp`` already applied, as ``CLIP.forward`` returns it).
+    (``exp`` already applied, as ``CLIP.forward`` returns it). ``gather=False`` scores this rank's
+    batch alone (evaluation, where ranks hold batches of different sizes).
     """
 
     def forward(
@@ -36,9 +37,13 @@ class ClipLoss(nn.Module):
         text_features: torch.Tensor,
         logit_scale: torch.Tensor,
         logit_bias: torch.Tensor | None = None,
+        *,
+        gather: bool = True,
     ) -> torch.Tensor:
-        rank, _ = rank_and_world_size()
-        all_images, all_texts = _gather_pairs(image_features, text_features)
+        rank = rank_and_world_size()[0] if gather else 0
+        all_images, all_texts = (
+            _gather_pairs(image_features, text_features) if gather else (image_features, text_features)
+        )
         labels = torch.arange(image_features.shape[0], device=image_features.device) + rank * image_features.shape[0]
         logits_per_image = logit_scale * image_features @ all_texts.T
         logits_per_text = logit_scale * text_features @ all_images.T
@@ -58,13 +63,15 @@ class SigLipLoss(nn.Module):
         text_features: torch.Tensor,
         logit_scale: torch.Tensor,
         logit_bias: torch.Tensor | None = None,
+        *,
+        gather: bool = True,
     ) -> torch.Tensor:
         if logit_bias is None:
             raise ValueError("the SigLIP loss needs a model with a logit bias (set model.init_logit_bias, e.g. -10)")
-        rank, _ = rank_and_world_size()
+        rank = rank_and_world_size()[0] if gather else 0
         batch = image_features.shape[0]
         # The image rows are local, so only the texts need gathering.
-        all_texts = all_gather_with_grad(text_features)
+        all_texts = all_gather_with_grad(text_features) if gather else text_features
         logits = logit_scale * image_features @ all_texts.T + logit_bias
         signs = -torch.ones_like(logits)
         signs[torch.arange(batch), torch.arange(batch) + rank * batch] = 1.0

@@ -1,0 +1,88 @@
+"""Checkpoint files: crash-safe writing, and reading a model back out of one.
+
+A training checkpoint is Lightning's dictionary plus one entry, ``checkpoint["clip_pl"]``, holding
+everything needed to rebuild the model without the training config: the model config and the
+tokenizer (its sentencepiece model bytes). Model weights are ``checkpoint["state_dict"]`` with the
+prefix ``model.``.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Any
+
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+from clip_pl.model import CLIP, CLIPConfig
+from clip_pl.tokenizer import Tokenizer
+
+CHECKPOINT_KEY = "clip_pl"
+STATE_DICT_PREFIX = "model."
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` that never leaves a partial file at ``path``.
+
+    The temporary file lives in the destination directory so the final step is a same-filesystem
+    rename; it is fsynced first, and the directory after, so a crash or a SIGKILL at any moment
+    leaves either the old file or the complete new one.
+    """
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning checkpoint IO writing local files with ``atomic_torch_save``.
+
+    Lightning's own writer goes through a temporary file in ``$TMPDIR``; when that is another
+    filesystem (node-local scratch) the final move is a copy, and a kill mid-copy leaves a
+    truncated ``last.ckpt``. Remote URLs (``s3://`` ...) keep Lightning's behaviour.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        if "://" in str(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        atomic_torch_save(checkpoint, path)
+
+
+def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Loads a training checkpoint without executing code from it (``weights_only=True``)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {str(path)!r} not found")
+    checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    if CHECKPOINT_KEY not in checkpoint:
+        raise ValueError(f"{str(path)!r} is not a clip_pl training checkpoint (no {CHECKPOINT_KEY!r} entry)")
+    return checkpoint
+
+
+def model_from_checkpoint(checkpoint: dict[str, Any]) -> tuple[CLIP, Tokenizer]:
+    """Rebuilds the trained model (eval mode, on CPU) and its tokenizer from a checkpoint dict."""
+    meta = checkpoint[CHECKPOINT_KEY]
+    config = CLIPConfig.from_dict(meta["model_config"])
+    # The trunk weights are in the checkpoint; do not look for the original weights file.
+    config.image.weights = None
+    model = CLIP(config)
+    state = {
+        k[len(STATE_DICT_PREFIX) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(STATE_DICT_PREFIX)
+    }
+    model.load_state_dict(state)
+    return model.eval(), Tokenizer.from_state_dict(meta["tokenizer"])

@@ -1,0 +1,193 @@
+"""The LightningModule that trains a CLIP model: loss, optimizer, schedule, metrics, checkpoint extras."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from timm.scheduler import CosineLRScheduler
+from torch import nn
+
+from clip_pl.checkpoint import CHECKPOINT_KEY
+from clip_pl.distributed import all_gather_uneven
+from clip_pl.model import CLIP
+from clip_pl.tokenizer import Tokenizer
+
+
+@dataclass
+class OptimizerConfig:
+    """AdamW with linear warmup, then cosine decay, both per optimizer step.
+
+    Attributes:
+        lr: Peak learning rate, reached after ``warmup_steps``.
+        weight_decay: Applied to weight matrices only; biases, norms, embeddings and the
+            temperature are not decayed.
+        betas: AdamW betas (CLIP uses (0.9, 0.98) for stability at large batch).
+        eps: AdamW epsilon.
+        warmup_steps: Linear warmup length in optimizer steps.
+        min_lr: Learning rate at the end of the cosine.
+        fused: Use the fused AdamW kernel (CUDA only; ignored on CPU).
+    """
+
+    lr: float = 5e-4
+    weight_decay: float = 0.2
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-6
+    warmup_steps: int = 1000
+    min_lr: float = 0.0
+    fused: bool = True
+
+
+def _no_weight_decay(model: CLIP) -> set[str]:
+    """Names of parameters that must not be decayed."""
+    timm_skip = {f"image_tower.trunk.{n}" for n in getattr(model.image_tower.trunk, "no_weight_decay", set)()}
+    names = set()
+    for name, param in model.named_parameters():
+        is_embedding = "embedding" in name or "pos_embed" in name or name.endswith(("cls_token", "reg_token"))
+        if param.ndim < 2 or is_embedding or name in timm_skip:
+            names.add(name)
+    return names
+
+
+def _rng_state() -> dict[str, Any]:
+    # numpy's state is stored as plain lists so checkpoints load with weights_only=True.
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": [kind, torch.from_numpy(keys.copy()), pos, has_gauss, gauss],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(_as_tuples(state["python"]))
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy(), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _as_tuples(value: Any) -> Any:
+    return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+class CLIPModule(L.LightningModule):
+    """Trains ``model`` with ``loss`` on batches of ``(images, tokens)``.
+
+    Args:
+        model: The CLIP model.
+        tokenizer: Its tokenizer; stored in checkpoints so they load without the training config.
+        loss: ``ClipLoss`` or ``SigLipLoss``.
+        optim: Optimizer and schedule settings.
+        compile: Compile the model with ``torch.compile``.
+        zero_shot_tasks: Zero-shot classification tasks run at each validation.
+    """
+
+    def __init__(
+        self,
+        model: CLIP,
+        tokenizer: Tokenizer,
+        loss: nn.Module,
+        optim: OptimizerConfig | dict[str, Any] | None = None,
+        compile: bool = False,
+        zero_shot_tasks: list[Any] | tuple[Any, ...] = (),
+    ):
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.loss = loss
+        self.optim = optim if isinstance(optim, OptimizerConfig) else OptimizerConfig(**(optim or {}))
+        self.compile = compile
+        self.zero_shot_tasks = list(zero_shot_tasks)
+        self._val_features: list[tuple[torch.Tensor, torch.Tensor]] = []
+        if tokenizer.vocab_size > model.config.text.vocab_size:
+            raise ValueError(
+                f"the tokenizer has {tokenizer.vocab_size} tokens but the text tower only "
+                f"{model.config.text.vocab_size}; set model.text.vocab_size to at least {tokenizer.vocab_size}"
+            )
+
+    def configure_model(self) -> None:
+        if self.compile:
+            # Compiles in place: parameter names, and so checkpoints, stay the same.
+            self.model.compile()
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        images, tokens = batch
+        out = self.model(images, tokens)
+        loss = self.loss(*out)
+        with torch.no_grad():
+            # In-batch (this rank's) image->text top-1: a cheap signal that learning happens.
+            sims = out.image_features @ out.text_features.T
+            acc = (sims.argmax(dim=1) == torch.arange(len(sims), device=sims.device)).float().mean()
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/acc_image_to_text", acc)
+        self.log("train/logit_scale", out.logit_scale)
+        if out.logit_bias is not None:
+            self.log("train/logit_bias", out.logit_bias)
+        return loss
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        images, tokens = batch
+        out = self.model(images, tokens)
+        # Validation batches differ in size across ranks, so the loss must not gather.
+        self.log("val/loss", self.loss(*out, gather=False), sync_dist=True, batch_size=len(images))
+        self._val_features.append((out.image_features.float(), out.text_features.float()))
+
+    def on_validation_epoch_end(self) -> None:
+        from clip_pl.evaluation import retrieval_recall
+
+        if self._val_features:
+            images = torch.cat([f[0] for f in self._val_features])
+            texts = torch.cat([f[1] for f in self._val_features])
+            images, texts = all_gather_uneven(images), all_gather_uneven(texts)
+            self.log_dict({f"val/{k}": v for k, v in retrieval_recall(images, texts).items()}, rank_zero_only=True)
+        self._val_features.clear()
+        for task in self.zero_shot_tasks:
+            metrics = task.evaluate(self.model, self.tokenizer, device=self.device)
+            self.log_dict({f"zeroshot/{task.name}/{k}": v for k, v in metrics.items()}, rank_zero_only=True)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        o = self.optim
+        skip = _no_weight_decay(self.model)
+        params = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for n, p in params if n not in skip], "weight_decay": o.weight_decay},
+            {"params": [p for n, p in params if n in skip], "weight_decay": 0.0},
+        ]
+        fused = o.fused and all(p.is_cuda for _, p in params)
+        optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=fused or None)
+        total = int(self.trainer.estimated_stepping_batches)
+        scheduler = CosineLRScheduler(
+            optimizer,
+            t_initial=max(total - o.warmup_steps, 1),
+            lr_min=o.min_lr,
+            warmup_t=o.warmup_steps,
+            warmup_lr_init=0.0,
+            warmup_prefix=True,
+            t_in_epochs=False,
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def lr_scheduler_step(self, scheduler: CosineLRScheduler, metric: Any) -> None:
+        # timm schedulers are driven by the number of optimizer updates done so far.
+        scheduler.step_update(num_updates=self.global_step)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[CHECKPOINT_KEY] = {
+            "model_config": self.model.config.to_dict(),
+            "tokenizer": self.tokenizer.state_dict(),
+        }
+        checkpoint["rng"] = _rng_state()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "rng" in checkpoint:
+            _set_rng_state(checkpoint["rng"])
+

@@ -1,0 +1,120 @@
+"""The one entry point: `python train.py [overrides]` (see README.md and conf/train.yaml).
+
+Examples:
+    python train.py                                        # demo: tiny CLIP on generated shapes, CPU
+    python train.py experiment=laion400m_vit_b16 trainer.devices=8 data.train_shards='/data/{00000..41407}.tar'
+    python train.py -m optim.lr=1e-4,3e-4 model=tiny,rn50  # local sweep, one run dir per job
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import hydra
+import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig, OmegaConf
+
+from clip_pl.callbacks import SkippedSamplesMonitor, TrainingSpeedMonitor
+from clip_pl.checkpoint import AtomicCheckpointIO
+
+log = logging.getLogger("clip_pl")
+
+
+def run_directory(cfg: DictConfig) -> str:
+    """Hydra's output dir: run_dir for a single run, run_dir/<overrides> for a sweep job."""
+    return HydraConfig.get().runtime.output_dir if HydraConfig.initialized() else cfg.run_dir
+
+
+def build(cfg: DictConfig, run_dir: str) -> tuple[L.LightningModule, L.LightningDataModule, L.Trainer]:
+    """Instantiates tokenizer, model, data, loss, module, loggers, callbacks and trainer."""
+    L.seed_everything(cfg.seed, workers=True)
+    if cfg.prepare_data is not None:
+        instantiate(cfg.prepare_data)
+    tokenizer = instantiate(cfg.tokenizer)
+    text = {"vocab_size": tokenizer.vocab_size, "pad_id": tokenizer.pad_id, "eos_id": tokenizer.eos_id}
+    model = instantiate(cfg.model, text={**text, **cfg.model.text}, _convert_="all")
+    preprocess = model.preprocess_config
+    datamodule = instantiate(
+        cfg.data,
+        tokenizer=tokenizer,
+        image_size=preprocess.image_size,
+        mean=preprocess.mean,
+        std=preprocess.std,
+        interpolation=preprocess.interpolation,
+    )
+    module = instantiate(
+        cfg.module,
+        model=model,
+        tokenizer=tokenizer,
+        loss=instantiate(cfg.loss),
+        zero_shot_tasks=[instantiate(task, _convert_="all") for task in cfg.zero_shot],
+        _convert_="all",
+    )
+    loggers = [instantiate(c, save_dir=run_dir) for c in (cfg.logger or {}).values()]
+    callbacks = [
+        ModelCheckpoint(
+            dirpath=os.path.join(run_dir, "checkpoints"),
+            save_last=True,
+            save_top_k=0,
+            every_n_train_steps=cfg.checkpoint.every_n_steps,
+        ),
+        TrainingSpeedMonitor(),
+        SkippedSamplesMonitor(),
+    ]
+    if loggers:
+        callbacks.append(LearningRateMonitor(logging_interval="step"))
+    trainer_cfg = cfg.trainer
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN and trainer_cfg.strategy == "ddp":
+        # Plain DDP re-launches sys.argv, which would restart the whole sweep in every child.
+        trainer_cfg = OmegaConf.merge(trainer_cfg, {"strategy": "ddp_spawn"})
+        log.info("sweep job: using strategy=ddp_spawn instead of ddp")
+    trainer = instantiate(
+        trainer_cfg,
+        logger=loggers or False,
+        callbacks=callbacks,
+        plugins=[AtomicCheckpointIO()],
+        default_root_dir=run_dir,
+    )
+    return module, datamodule, trainer
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Trains, resuming from ``<run dir>/checkpoints/last.ckpt`` when it exists; returns final metrics."""
+    run_dir = run_directory(cfg)
+    module, datamodule, trainer = build(cfg, run_dir)
+    if rank_zero_only.rank == 0:
+        os.makedirs(run_dir, exist_ok=True)
+        OmegaConf.save(cfg, os.path.join(run_dir, "config.yaml"), resolve=True)
+    last = os.path.join(run_dir, "checkpoints", "last.ckpt")
+    resume = last if os.path.isfile(last) else None
+    if resume:
+        log.info("resuming from %s", resume)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    if trainer.is_global_zero:
+        for name in sorted(k for k in metrics if k.startswith(("val/", "zeroshot/"))):
+            print(f"{name:40s} {metrics[name]:.4f}")
+    return metrics
+
+
+@hydra.main(config_path="conf", config_name="train", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    try:
+        train(cfg)
+    except (ValueError, FileNotFoundError) as e:
+        # Mistakes in the config or the data: one line that says what to change, not a traceback.
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
