@@ -2,7 +2,7 @@
 
 Examples:
     python train.py                                        # demo: tiny CLIP on generated shapes, CPU
-    python train.py experiment=laion400m_vit_b16 trainer.devices=8 data.train_shards='/data/{00000..41407}.tar'
+    python train.py experiment=laion400m_vit_b16 trainer.devices=8 "data.train_shards='/data/{00000..41407}.tar'"
     python train.py -m optim.lr=1e-4,3e-4 model=tiny,rn50  # local sweep, one run dir per job
 """
 
@@ -18,11 +18,12 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from clip_pl.callbacks import SkippedSamplesMonitor, TrainingSpeedMonitor
-from clip_pl.checkpoint import AtomicCheckpointIO
+from clip_pl.callbacks import AtomicCheckpointIO, SkippedSamplesMonitor, TrainingSpeedMonitor
+from clip_pl.slurm import RequeueOnSignal, check_task_layout, is_slurm_task, stopped_for_requeue
 
 log = logging.getLogger("clip_pl")
 
@@ -41,21 +42,19 @@ def build(cfg: DictConfig, run_dir: str) -> tuple[L.LightningModule, L.Lightning
     text = {"vocab_size": tokenizer.vocab_size, "pad_id": tokenizer.pad_id, "eos_id": tokenizer.eos_id}
     model = instantiate(cfg.model, text={**text, **cfg.model.text}, _convert_="all")
     preprocess = model.preprocess_config
-    datamodule = instantiate(
-        cfg.data,
+    # Built objects go in as plain arguments (_partial_), so Hydra never converts them to config nodes.
+    datamodule = instantiate(cfg.data, _partial_=True)(
         tokenizer=tokenizer,
         image_size=preprocess.image_size,
         mean=preprocess.mean,
         std=preprocess.std,
         interpolation=preprocess.interpolation,
     )
-    module = instantiate(
-        cfg.module,
+    module = instantiate(cfg.module, _partial_=True, _convert_="all")(
         model=model,
         tokenizer=tokenizer,
         loss=instantiate(cfg.loss),
         zero_shot_tasks=[instantiate(task, _convert_="all") for task in cfg.zero_shot],
-        _convert_="all",
     )
     loggers = [instantiate(c, save_dir=run_dir) for c in (cfg.logger or {}).values()]
     callbacks = [
@@ -64,6 +63,9 @@ def build(cfg: DictConfig, run_dir: str) -> tuple[L.LightningModule, L.Lightning
             save_last=True,
             save_top_k=0,
             every_n_train_steps=cfg.checkpoint.every_n_steps,
+            # last.ckpt is always the newest, also when another writer (RequeueOnSignal) saved it
+            # last; with the counter, a resumed run would write last-v1.ckpt and resume stale.
+            enable_version_counter=False,
         ),
         TrainingSpeedMonitor(),
         SkippedSamplesMonitor(),
@@ -71,15 +73,29 @@ def build(cfg: DictConfig, run_dir: str) -> tuple[L.LightningModule, L.Lightning
     if loggers:
         callbacks.append(LearningRateMonitor(logging_interval="step"))
     trainer_cfg = cfg.trainer
-    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN and trainer_cfg.strategy == "ddp":
-        # Plain DDP re-launches sys.argv, which would restart the whole sweep in every child.
+    plugins = [AtomicCheckpointIO()]
+    on_slurm = is_slurm_task()
+    if on_slurm:
+        # srun started every rank; RequeueOnSignal alone reacts to SLURM's signal (Lightning's own
+        # requeue handler deadlocked), saving the last.ckpt that the requeued job resumes from.
+        check_task_layout(trainer_cfg.devices, trainer_cfg.num_nodes)
+        callbacks.append(RequeueOnSignal(os.path.join(run_dir, "checkpoints", "last.ckpt")))
+        plugins.append(SLURMEnvironment(auto_requeue=False))
+    if (
+        HydraConfig.initialized()
+        and HydraConfig.get().mode == RunMode.MULTIRUN
+        and trainer_cfg.strategy == "ddp"
+        and not on_slurm
+    ):
+        # Plain DDP re-launches sys.argv, which would restart the whole sweep in every child
+        # (not under SLURM, where srun starts the ranks of each sweep job).
         trainer_cfg = OmegaConf.merge(trainer_cfg, {"strategy": "ddp_spawn"})
         log.info("sweep job: using strategy=ddp_spawn instead of ddp")
     trainer = instantiate(
         trainer_cfg,
         logger=loggers or False,
         callbacks=callbacks,
-        plugins=[AtomicCheckpointIO()],
+        plugins=plugins,
         default_root_dir=run_dir,
     )
     return module, datamodule, trainer
@@ -96,7 +112,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
     resume = last if os.path.isfile(last) else None
     if resume:
         log.info("resuming from %s", resume)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
+    finally:
+        if stopped_for_requeue(trainer):
+            # The job is requeued: SLURM reruns this command, which resumes. How this run ends meanwhile
+            # (SLURM's SIGTERM, DataLoader workers killed by it) is no error, and the run reports no
+            # result (submitit would take one as the sweep job's final result).
+            sys.exit(0)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     if trainer.is_global_zero:
         for name in sorted(k for k in metrics if k.startswith(("val/", "zeroshot/"))):

@@ -1,38 +1,38 @@
-"""Lightning callbacks for what a researcher watches during pretraining."""
+"""Lightning callbacks and plugins: what a researcher watches, and crash-safe checkpoint files."""
 
 from __future__ import annotations
 
 import time
+from collections import deque
 from typing import Any
 
 import lightning as L
 import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+from clip_pl.checkpoint import atomic_torch_save
 
 
 class TrainingSpeedMonitor(L.Callback):
     """Logs samples/s (global and per device) and the time each step waited for data.
 
-    Step time runs from one ``on_train_batch_start`` to the next; data wait from the end of
-    one batch to the start of the next, which is when the loader is being drained. Both are
-    averaged over ``window`` steps so a single slow step does not dominate the curve.
+    Step time runs from one ``on_train_batch_start`` to the next; data wait from the end of one
+    batch to the start of the next, when the loader is being drained. Both are averaged over the
+    last ``window`` steps so a single slow step does not dominate the curve.
 
     Args:
-        window: Number of steps per average.
+        window: Number of steps per rolling average.
     """
 
     def __init__(self, window: int = 20):
         self.window = window
-        self._reset()
+        self.on_train_start()
 
-    def _reset(self) -> None:
+    def on_train_start(self, *args: Any) -> None:
         self._last_start: float | None = None
         self._last_end: float | None = None
-        self._steps: list[float] = []
-        self._waits: list[float] = []
-        self._samples = 0
-
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._reset()
+        self._steps: deque[float] = deque(maxlen=self.window)
+        self._waits: deque[float] = deque(maxlen=self.window)
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         now = time.perf_counter()
@@ -41,27 +41,23 @@ class TrainingSpeedMonitor(L.Callback):
         if self._last_start is not None:
             self._steps.append(now - self._last_start)
         self._last_start = now
-        self._samples = len(batch[0])
-
-    def on_train_batch_end(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        self._last_end = time.perf_counter()
-        if len(self._steps) >= self.window:
-            step = sum(self._steps) / len(self._steps)
-            per_device = self._samples / step
+        if self._steps:
+            per_device = len(batch[0]) * len(self._steps) / sum(self._steps)
             pl_module.log_dict(
                 {
                     "train/samples_per_sec": per_device * trainer.world_size,
                     "train/samples_per_sec_per_device": per_device,
-                    "train/data_wait_ms": 1000 * sum(self._waits) / max(len(self._waits), 1),
+                    "train/data_wait_ms": 1000 * sum(self._waits) / len(self._waits),
                     "train/data_wait_fraction": sum(self._waits) / sum(self._steps),
                 },
                 on_step=True,
                 on_epoch=False,
             )
-            self._steps.clear()
-            self._waits.clear()
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self._last_end = time.perf_counter()
 
 
 class SkippedSamplesMonitor(L.Callback):
@@ -76,9 +72,21 @@ class SkippedSamplesMonitor(L.Callback):
         if datamodule is None or not hasattr(datamodule, "skipped_counts"):
             return
         counts = datamodule.skipped_counts()
-        if not counts:
-            return
         names = sorted(counts)
         totals = torch.tensor([float(counts[n]) for n in names], device=pl_module.device)
         totals = trainer.strategy.reduce(totals, reduce_op="sum")
         pl_module.log_dict({f"data/skipped_{n}": v for n, v in zip(names, totals)}, rank_zero_only=True)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning checkpoint IO writing local files with ``atomic_torch_save``.
+
+    Lightning's own writer goes through a temporary file in ``$TMPDIR``; when that is another
+    filesystem (node-local scratch) the final move is a copy, and a kill mid-copy leaves a
+    truncated ``last.ckpt``. Remote URLs (``s3://`` ...) keep Lightning's behaviour.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        if "://" in str(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        atomic_torch_save(checkpoint, path)

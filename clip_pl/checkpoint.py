@@ -13,7 +13,6 @@ import tempfile
 from typing import Any
 
 import torch
-from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from clip_pl.model import CLIP, CLIPConfig
 from clip_pl.tokenizer import Tokenizer
@@ -48,20 +47,6 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning checkpoint IO writing local files with ``atomic_torch_save``.
-
-    Lightning's own writer goes through a temporary file in ``$TMPDIR``; when that is another
-    filesystem (node-local scratch) the final move is a copy, and a kill mid-copy leaves a
-    truncated ``last.ckpt``. Remote URLs (``s3://`` ...) keep Lightning's behaviour.
-    """
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
-        if "://" in str(path):
-            return super().save_checkpoint(checkpoint, path, storage_options)
-        atomic_torch_save(checkpoint, path)
 
 
 def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:

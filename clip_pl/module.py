@@ -134,25 +134,37 @@ class CLIPModule(L.LightningModule):
             self.log("train/logit_bias", out.logit_bias)
         return loss
 
+    def on_validation_epoch_start(self) -> None:
+        self._val_features.clear()
+        self._val_loss_sum = torch.zeros(2, device=self.device)  # (sum of sample losses, samples)
+
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         images, tokens = batch
         out = self.model(images, tokens)
-        # Validation batches differ in size across ranks, so the loss must not gather.
-        self.log("val/loss", self.loss(*out, gather=False), sync_dist=True, batch_size=len(images))
+        # Ranks hold different numbers of validation batches (possibly none), so nothing here may
+        # be a collective: the loss does not gather, and the reductions happen at epoch end.
+        self._val_loss_sum += torch.stack([self.loss(*out, gather=False).detach() * len(images), out[0].new_tensor(len(images))])
         self._val_features.append((out.image_features.float(), out.text_features.float()))
 
     def on_validation_epoch_end(self) -> None:
         from clip_pl.evaluation import retrieval_recall
 
-        if self._val_features:
-            images = torch.cat([f[0] for f in self._val_features])
-            texts = torch.cat([f[1] for f in self._val_features])
-            images, texts = all_gather_uneven(images), all_gather_uneven(texts)
-            self.log_dict({f"val/{k}": v for k, v in retrieval_recall(images, texts).items()}, rank_zero_only=True)
+        # Every rank reaches these collectives the same number of times, whatever its data.
+        loss_sum, count = self.trainer.strategy.reduce(self._val_loss_sum, reduce_op="sum").tolist()
+        empty = torch.empty(0, self.model.config.embed_dim, device=self.device)
+        images = all_gather_uneven(torch.cat([f[0] for f in self._val_features]) if self._val_features else empty)
+        texts = all_gather_uneven(torch.cat([f[1] for f in self._val_features]) if self._val_features else empty)
         self._val_features.clear()
-        for task in self.zero_shot_tasks:
-            metrics = task.evaluate(self.model, self.tokenizer, device=self.device)
-            self.log_dict({f"zeroshot/{task.name}/{k}": v for k, v in metrics.items()}, rank_zero_only=True)
+        if count:
+            metrics = {"val/loss": loss_sum / count}
+            metrics.update({f"val/{k}": v for k, v in retrieval_recall(images, texts).items()})
+            self.log_dict(metrics, rank_zero_only=True)
+        if self.trainer.is_global_zero:
+            # Zero-shot tasks read their own data whole; rank zero runs them while the others wait.
+            for task in self.zero_shot_tasks:
+                metrics = task.evaluate(self.model, self.tokenizer, device=self.device)
+                self.log_dict({f"zeroshot/{task.name}/{k}": v for k, v in metrics.items()}, rank_zero_only=True)
+        self.trainer.strategy.barrier("zero_shot")
 
     def configure_optimizers(self) -> dict[str, Any]:
         o = self.optim

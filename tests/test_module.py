@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from clip_pl.checkpoint import AtomicCheckpointIO, atomic_torch_save, model_from_checkpoint, read_checkpoint
+from clip_pl.callbacks import AtomicCheckpointIO
+from clip_pl.checkpoint import atomic_torch_save, model_from_checkpoint, read_checkpoint
 from clip_pl.loss import ClipLoss
 from clip_pl.model import create_model
 from clip_pl.module import CLIPModule, OptimizerConfig, _no_weight_decay, _rng_state, _set_rng_state

@@ -1,0 +1,185 @@
+"""Weights from elsewhere into clip_pl towers: OpenAI/OpenCLIP ViT image encoders, and towers of
+another clip_pl model file.
+
+OpenAI and OpenCLIP store a ViT image encoder under ``visual.*`` (``conv1``,
+``transformer.resblocks.N``, ``ln_post``, ``proj``...). timm's ``vit_*_clip_*`` models have the same
+architecture, and timm ships the key mapping (``_convert_openai_clip``, reached through the
+ViT ``checkpoint_filter_fn``, which also resamples position embeddings to another image size).
+``visual.proj`` (``width x embed_dim``) becomes our ``image_tower.proj`` (an ``nn.Linear``, hence
+transposed).
+
+Activation: OpenAI's released CLIP ViTs, and OpenCLIP models named ``*-quickgelu``, use QuickGELU;
+build those towers with timm's ``vit_base_patch32_clip_quickgelu_224`` /
+``vit_base_patch16_clip_quickgelu_224`` trunks, e.g.
+``create_model("vit_b32", image={"name": "vit_base_patch32_clip_quickgelu_224"})``.
+The activation has no weights, so a mismatch loads without error and only shifts the features.
+
+Usage (trunk weights for ``model.image.weights`` in the training config)::
+
+    python -m clip_pl.convert open_clip_model.safetensors trunk.safetensors --model vit_b32
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+import torch
+from safetensors.torch import load_file, save_file
+from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+
+from clip_pl.api import read_state_dict
+from clip_pl.export import is_safetensors_file
+from clip_pl.model import CLIP, ImageTower, get_model_config
+
+_PREFIXES = ("visual.", "module.visual.")
+TOWERS = ("image_tower", "text_tower")
+
+
+def read_weights_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A state dict from a ``.safetensors`` file or a ``torch.save``d dict (read with ``weights_only``).
+
+    OpenCLIP training checkpoints (``{"state_dict": ...}``) are unwrapped.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"weights file {os.fspath(path)!r} not found")
+    if is_safetensors_file(path):
+        return load_file(path, device="cpu")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for archives it will not unpickle safely.
+        raise ValueError(
+            f"cannot read {os.fspath(path)!r} as a state dict ({type(e).__name__}). OpenAI's original .pt files "
+            "are TorchScript archives: re-save them with "
+            "torch.save(torch.jit.load(path, map_location='cpu').state_dict(), 'state_dict.pt')"
+        ) from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ValueError(f"{os.fspath(path)!r} holds a {type(state).__name__}, not a state dict")
+    return state
+
+
+def convert_openclip_image_tower(
+    state_dict: dict[str, torch.Tensor], image_tower: ImageTower
+) -> dict[str, torch.Tensor]:
+    """Maps an OpenAI/OpenCLIP ViT ``visual.*`` state dict onto ``image_tower``'s keys.
+
+    Args:
+        state_dict: A full CLIP state dict (text keys are ignored); a ``module.`` prefix is accepted.
+        image_tower: The tower to fill; its trunk must be a timm ViT of the same width, depth and patch size.
+
+    Returns:
+        ``{"trunk.<timm key>": ..., "proj.weight": ...}``, ready for ``image_tower.load_state_dict``.
+    """
+    prefix = next((p for p in _PREFIXES if f"{p}class_embedding" in state_dict), None)
+    if prefix is None:
+        hint = (
+            " It looks like a ResNet (ModifiedResNet) image encoder, which timm cannot host."
+            if any(k.startswith(("visual.layer1.", "module.visual.layer1.")) for k in state_dict)
+            else ""
+        )
+        raise ValueError(
+            f"no OpenAI/OpenCLIP ViT image encoder (key 'visual.class_embedding') in the state dict.{hint}"
+        )
+    trunk = image_tower.trunk
+    if not isinstance(trunk, VisionTransformer):
+        raise ValueError(
+            f"OpenCLIP ViT weights need a timm ViT trunk, not {image_tower.config.name!r}; "
+            "use model vit_b32 or vit_b16 (or another vit_*_clip_* trunk)"
+        )
+    visual = {"visual." + k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    _check_shapes(visual, trunk, image_tower.config.name)
+    converted = checkpoint_filter_fn(visual, trunk)
+    proj = converted.pop("head.weight")
+    converted.pop("head.bias")
+    return {**{f"trunk.{k}": v for k, v in converted.items()}, "proj.weight": proj}
+
+
+def _check_shapes(visual: dict[str, torch.Tensor], trunk: VisionTransformer, name: str) -> None:
+    """Refuses weights of another ViT size; timm would otherwise resample a patch embedding silently."""
+    width, _, patch, _ = visual["visual.conv1.weight"].shape
+    depth = len({k.split(".")[3] for k in visual if k.startswith("visual.transformer.resblocks.")})
+    theirs = (width, depth, patch)
+    ours = (trunk.embed_dim, len(trunk.blocks), trunk.patch_embed.proj.weight.shape[-1])
+    if theirs != ours:
+        raise ValueError(
+            f"the weights are a ViT of width {theirs[0]}, {theirs[1]} blocks, patch {theirs[2]}, but the image "
+            f"tower {name!r} has width {ours[0]}, {ours[1]} blocks, patch {ours[2]}; pick the matching model "
+            "(vit_b32: 768/12/32, vit_b16: 768/12/16, vit_l14: 1024/24/14)"
+        )
+
+
+def load_openclip_image_tower(model: CLIP, state_dict: dict[str, torch.Tensor]) -> None:
+    """Loads OpenAI/OpenCLIP ViT image encoder weights into ``model.image_tower`` (all keys required)."""
+    converted = convert_openclip_image_tower(state_dict, model.image_tower)
+    if converted["proj.weight"].shape != model.image_tower.proj.weight.shape:
+        raise ValueError(
+            f"the weights project to {converted['proj.weight'].shape[0]} dimensions but the model's embed_dim is "
+            f"{model.config.embed_dim}; build the model with embed_dim={converted['proj.weight'].shape[0]}"
+        )
+    model.image_tower.load_state_dict(converted)
+
+
+def load_towers(model: CLIP, path: str | os.PathLike, towers: Sequence[str] = TOWERS) -> None:
+    """Copies towers from a clip_pl model file (``.ckpt`` or exported ``.safetensors``) into ``model``.
+
+    For example, start a new run with the image tower of an earlier one:
+    ``load_towers(model, "old/last.ckpt", towers=["image_tower"])``.
+
+    Args:
+        model: The model to fill.
+        path: A training checkpoint or an exported model.
+        towers: Which of ``image_tower`` and ``text_tower`` to copy.
+    """
+    unknown = [t for t in towers if t not in TOWERS]
+    if unknown or not towers:
+        raise ValueError(f"towers must be a non-empty subset of {list(TOWERS)}, got {list(towers)}")
+    state = read_state_dict(path)
+    for tower in towers:
+        prefix = f"{tower}."
+        weights = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        if not weights:
+            raise ValueError(f"{os.fspath(path)!r} has no {tower} weights (keys starting with {prefix!r})")
+        try:
+            getattr(model, tower).load_state_dict(weights)
+        except RuntimeError as e:
+            raise ValueError(
+                f"the {tower} of {os.fspath(path)!r} does not fit this model; build the model with the same "
+                f"{tower.split('_')[0]} config as that run. Details: {e}"
+            ) from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m clip_pl.convert",
+        description="Convert an OpenAI/OpenCLIP ViT image encoder into timm trunk weights for model.image.weights.",
+    )
+    parser.add_argument("weights", help="OpenCLIP/OpenAI state dict (.safetensors, .bin or .pt)")
+    parser.add_argument("output", help="trunk weights to write (.safetensors)")
+    parser.add_argument("--model", default="vit_b32", help="clip_pl model name whose image tower receives them")
+    parser.add_argument("--image-size", type=int, default=None, help="resample position embeddings to this size")
+    args = parser.parse_args(argv)
+    try:
+        overrides = {"image": {"image_size": args.image_size}} if args.image_size else {}
+        config = get_model_config(args.model, **overrides)
+        # Only the tower's shapes are needed: building it on the meta device skips the random init.
+        with torch.device("meta"):
+            tower = ImageTower(config.image, config.embed_dim)
+        converted = convert_openclip_image_tower(read_weights_file(args.weights), tower)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    trunk = {k[len("trunk.") :]: v.contiguous() for k, v in converted.items() if k.startswith("trunk.")}
+    save_file(trunk, args.output)
+    print(
+        f"wrote {args.output}: {len(trunk)} trunk tensors for {tower.config.name!r}. Train with "
+        f"model.image.weights={args.output}; the projection (proj) is not included and starts random."
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,128 @@
+"""Evaluate a trained model: zero-shot classification and image-text retrieval.
+
+Usage::
+
+    python -m clip_pl.evaluate --checkpoint model.safetensors --zeroshot-folder imagenet/val \\
+        --classnames imagenet_classes.txt --templates prompts.txt
+    python -m clip_pl.evaluate --checkpoint last.ckpt --zeroshot-shards "val-{000..009}.tar" \\
+        --classnames classes.txt --label-key json:label
+    python -m clip_pl.evaluate --checkpoint last.ckpt --retrieval-shards "coco-val-{000..004}.tar" --json
+
+Zero-shot data is a folder with one sub-folder per class, or shards with a class index per
+sample; retrieval data is image-caption shards, one caption per image, read by the same code as
+training's validation. Accuracies and recalls are printed as percentages (fractions with ``--json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from clip_pl.api import load
+from clip_pl.evaluation import ZeroShotTask, resolve_templates, run_retrieval
+from clip_pl.model import CLIP
+from clip_pl.tokenizer import Tokenizer
+from data_pipelines.pipeline import ValStream, make_decoder, select_val_shards
+from data_pipelines.samples import CaptionKey, check_layout
+
+
+def evaluate_retrieval(
+    model: CLIP,
+    preprocess: Callable[[Image.Image], torch.Tensor],
+    tokenizer: Tokenizer,
+    spec: str,
+    caption_key: str = "txt",
+    batch_size: int = 64,
+    num_workers: int = 0,
+    chunk_size: int = 256,
+) -> dict[str, float]:
+    """Recall@1/5/10 in both directions over image-caption shards (one caption per image)."""
+    urls = select_val_shards(spec)
+    check_layout(urls, CaptionKey.parse(caption_key))
+    stream = ValStream(urls, tokenizer, batch_size, make_decoder(caption_key, preprocess), rank=0, world_size=1)
+    # The stream batches itself; the DataLoader only adds worker processes.
+    loader = DataLoader(stream, batch_size=None, num_workers=num_workers)
+    return run_retrieval(model, loader, chunk_size=chunk_size)
+
+
+def format_results(results: dict[str, dict[str, float]]) -> str:
+    """A plain-text table, one metric per line, values in percent."""
+    rows = [
+        (task, metric, f"{100 * value:.2f}") for task, metrics in results.items() for metric, value in metrics.items()
+    ]
+    header = ("task", "metric", "value %")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(3)]
+    lines = [f"{header[0]:<{widths[0]}}  {header[1]:<{widths[1]}}  {header[2]:>{widths[2]}}"]
+    lines.append("-" * len(lines[0]))
+    lines += [f"{t:<{widths[0]}}  {m:<{widths[1]}}  {v:>{widths[2]}}" for t, m, v in rows]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m clip_pl.evaluate", description="Zero-shot classification and retrieval metrics of a model."
+    )
+    parser.add_argument("--checkpoint", required=True, help="training checkpoint (.ckpt) or exported .safetensors")
+    zero_shot = parser.add_argument_group("zero-shot classification")
+    data = zero_shot.add_mutually_exclusive_group()
+    data.add_argument("--zeroshot-folder", help="folder with one sub-folder of images per class")
+    data.add_argument("--zeroshot-shards", help="WebDataset shards with an image and a class index per sample")
+    zero_shot.add_argument("--classnames", help="file with one class name per line, in label order")
+    zero_shot.add_argument("--templates", help="file with one prompt template per line ({} is the class name)")
+    zero_shot.add_argument("--label-key", default="cls", help="shards: 'cls' or 'json:FIELD' (default cls)")
+    zero_shot.add_argument("--name", help="task name in the results (default: the folder or shard name)")
+    retrieval = parser.add_argument_group("retrieval")
+    retrieval.add_argument("--retrieval-shards", help="WebDataset image-caption shards, one caption per image")
+    retrieval.add_argument("--caption-key", default="txt", help="'txt' or 'json:FIELD' (default txt)")
+    retrieval.add_argument("--chunk-size", type=int, default=256, help="queries scored at once")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--json", action="store_true", help="print the results as JSON (fractions, not percent)")
+    args = parser.parse_args(argv)
+    zero_shot_data = args.zeroshot_folder or args.zeroshot_shards
+    if not zero_shot_data and not args.retrieval_shards:
+        parser.error("nothing to evaluate: give --zeroshot-folder, --zeroshot-shards and/or --retrieval-shards")
+
+    results: dict[str, dict[str, float]] = {}
+    try:
+        model, preprocess, tokenizer = load(args.checkpoint, device=args.device)
+        if zero_shot_data:
+            name = args.name or os.path.basename(os.path.normpath(zero_shot_data)).split("{")[0] or "zeroshot"
+            task = ZeroShotTask(
+                name=name,
+                data=zero_shot_data,
+                classnames=args.classnames,
+                templates=resolve_templates(args.templates),
+                label_key=args.label_key,
+                batch_size=args.batch_size,
+                num_workers=args.num_workers,
+            )
+            results[f"zeroshot/{name}"] = task.evaluate(model, tokenizer, device=args.device)
+        if args.retrieval_shards:
+            results["retrieval"] = evaluate_retrieval(
+                model,
+                preprocess,
+                tokenizer,
+                args.retrieval_shards,
+                args.caption_key,
+                args.batch_size,
+                args.num_workers,
+                args.chunk_size,
+            )
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(results, indent=2) if args.json else format_results(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,437 @@
+"""Zero-shot classification and image-text retrieval metrics.
+
+The metric functions are pure (tensors in, numbers out) so the trainer's validation loop, the
+``clip_pl.evaluate`` command and the tests all share them. The ``run_*`` helpers at the end
+drive a model over a ``DataLoader``.
+
+Zero-shot classification turns class names into a linear classifier: each class name is put
+into every prompt template, the normalized prompt embeddings of a class are averaged and the mean
+renormalized. An image's logits are then its normalized embedding times that ``[D, C]`` matrix.
+
+Retrieval ranks every caption for every image (and the reverse) by cosine similarity; recall@k is
+the share of queries whose matching item is among the first k. Ranks are computed from one block
+of queries at a time, so memory grows with ``chunk_size x N`` instead of ``N x N``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from clip_pl.eval_data import LabelledShards, image_folder
+from clip_pl.model import CLIP
+from clip_pl.tokenizer import Tokenizer
+from clip_pl.transforms import image_transform
+
+# Prompt templates in the style of CLIP's ImageNet prompts, worded for clip_pl. Ensembling many
+# phrasings averages out the quirks of any single one; "{}" is replaced by the class name.
+DEFAULT_TEMPLATES: tuple[str, ...] = (
+    "a photo of a {}.",
+    "a picture of the {}.",
+    "an image showing a {}.",
+    "a close-up photo of a {}.",
+    "a cropped photo of the {}.",
+    "a blurry photo of a {}.",
+    "a dark photo of the {}.",
+    "a bright photo of a {}.",
+    "a low resolution photo of the {}.",
+    "a high resolution photo of a {}.",
+    "a black and white photo of a {}.",
+    "a photo of a small {}.",
+    "a photo of a large {}.",
+    "a photo of one {}.",
+    "a photo of many {}.",
+    "a snapshot of my {}.",
+    "a good photo of the {}.",
+    "a bad photo of a {}.",
+    "a drawing of a {}.",
+    "a painting of the {}.",
+    "a sketch of a {}.",
+    "a cartoon {}.",
+    "a toy {}.",
+    "a sculpture of a {}.",
+    "a rendering of a {}.",
+    "the {} in a video game.",
+    "a tattoo of a {}.",
+    "a {} seen from far away.",
+)
+
+_PLACEHOLDERS = ("{label}", "{}")
+
+# Rank given to a query whose true item has a NaN score: beyond any k.
+_MISS = torch.iinfo(torch.int64).max
+
+
+def fill_template(template: str, classname: str) -> str:
+    """Puts ``classname`` into a template's ``{}`` or ``{label}`` placeholder.
+
+    Plain string replacement rather than ``str.format``, so braces elsewhere in the template or the
+    class name are kept as they are.
+    """
+    for placeholder in _PLACEHOLDERS:
+        if placeholder in template:
+            return template.replace(placeholder, classname)
+    raise ValueError(f"prompt template {template!r} has no {{}} or {{label}} placeholder for the class name")
+
+
+def read_lines(path: str | os.PathLike) -> list[str]:
+    """Non-empty, stripped lines of a UTF-8 text file (class names, templates)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"file {os.fspath(path)!r} not found")
+    with open(path, encoding="utf-8") as f:
+        lines = [line.strip() for line in f]
+    lines = [line for line in lines if line]
+    if not lines:
+        raise ValueError(f"{os.fspath(path)!r} is empty; it needs one entry per line")
+    return lines
+
+
+def resolve_templates(spec: str | os.PathLike | Sequence[str] | None) -> list[str]:
+    """Prompt templates from a file, a single template string, a list, or ``None`` for the defaults.
+
+    Args:
+        spec: ``None`` for ``DEFAULT_TEMPLATES``; a path to a file with one template per line; a
+            template string containing ``{}`` or ``{label}``; or a sequence of templates.
+    """
+    if spec is None:
+        templates = list(DEFAULT_TEMPLATES)
+    elif isinstance(spec, (str, os.PathLike)):
+        if os.path.isfile(spec):
+            templates = read_lines(spec)
+        elif any(p in os.fspath(spec) for p in _PLACEHOLDERS):
+            templates = [os.fspath(spec)]
+        else:
+            raise ValueError(f"templates {os.fspath(spec)!r} is neither a file nor a template with a {{}} placeholder")
+    else:
+        templates = list(spec)
+    if not templates:
+        raise ValueError("at least one prompt template is needed")
+    for template in templates:
+        fill_template(template, "x")  # Fails early, naming the template without a placeholder.
+    return templates
+
+
+def classifier_from_text_features(text_features: torch.Tensor) -> torch.Tensor:
+    """Zero-shot classifier weights from prompt embeddings.
+
+    Args:
+        text_features: ``[C, T, D]`` embeddings of each class (C) under each template (T).
+
+    Returns:
+        ``[D, C]``: per class, the mean of the normalized prompt embeddings, renormalized.
+    """
+    if text_features.dim() != 3:
+        raise ValueError(f"text_features must be [classes, templates, dim], got shape {tuple(text_features.shape)}")
+    weights = F.normalize(F.normalize(text_features.float(), dim=-1).mean(dim=1), dim=-1)
+    return weights.T.contiguous()
+
+
+def _model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def build_zero_shot_classifier(
+    model: CLIP,
+    tokenizer: Tokenizer,
+    classnames: Sequence[str],
+    templates: Sequence[str] = DEFAULT_TEMPLATES,
+    batch_size: int = 256,
+    device: str | torch.device | None = None,
+) -> torch.Tensor:
+    """Embeds every (class, template) prompt and builds the ``[D, C]`` classifier.
+
+    The model is used in whatever mode it is in; call ``model.eval()`` first (Lightning's
+    validation loop does).
+
+    Args:
+        model: The CLIP model.
+        tokenizer: The model's tokenizer.
+        classnames: One name per class, in label order.
+        templates: Prompt templates with a ``{}`` or ``{label}`` placeholder.
+        batch_size: Prompts per forward pass.
+        device: Where to run the text tower; defaults to the model's device.
+
+    Returns:
+        Float tensor ``[D, C]`` on ``device``.
+    """
+    if not classnames:
+        raise ValueError("zero-shot classification needs at least one class name")
+    templates = list(templates)
+    if not templates:
+        raise ValueError("zero-shot classification needs at least one prompt template")
+    device = torch.device(device) if device is not None else _model_device(model)
+    prompts = [fill_template(t, name) for name in classnames for t in templates]
+    features = []
+    for start in range(0, len(prompts), batch_size):
+        tokens = tokenizer(prompts[start : start + batch_size]).to(device)
+        features.append(model.encode_text(tokens).float())
+    return classifier_from_text_features(torch.cat(features).view(len(classnames), len(templates), -1))
+
+
+def accuracy(logits: torch.Tensor, labels: torch.Tensor, topk: Sequence[int] = (1, 5)) -> dict[str, float]:
+    """Top-k accuracy as a fraction in [0, 1], keyed ``top1``, ``top5``...
+
+    A sample is a top-k hit when its true class ranks among the k highest logits, equal logits
+    ranking by class index (as a stable sort would), so ties never make the result depend on the
+    device. With fewer classes than k, top-k is 1.0. Batch results weighted by batch size sum
+    exactly to the accuracy over all batches.
+
+    Args:
+        logits: ``[N, C]`` class scores.
+        labels: ``[N]`` integer class indices.
+        topk: The k values to report.
+    """
+    if logits.dim() != 2 or labels.shape != logits.shape[:1]:
+        raise ValueError(f"expected logits [N, C] and labels [N], got {tuple(logits.shape)} and {tuple(labels.shape)}")
+    if logits.shape[0] == 0:
+        raise ValueError("accuracy of an empty batch is undefined")
+    labels = labels.to(device=logits.device, dtype=torch.long)
+    true_score = logits.gather(1, labels[:, None])
+    class_index = torch.arange(logits.shape[1], device=logits.device)
+    ahead = (logits > true_score) | ((logits == true_score) & (class_index < labels[:, None]))
+    # NaN logits would compare false with everything and rank first; count them as misses.
+    ranks = ahead.sum(dim=1).masked_fill(true_score.isnan().squeeze(1), _MISS)
+    return {f"top{k}": (ranks < k).sum().item() / len(labels) for k in topk}
+
+
+def _ranks(queries: torch.Tensor, keys: torch.Tensor, positives: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """Rank of the best positive key of each query when keys are sorted by descending score.
+
+    Ties are broken by key index (a stable sort), so ranks do not depend on the chunking or the
+    device. Only ``chunk_size x K`` scores exist at a time.
+
+    Args:
+        queries: ``[Q, D]``.
+        keys: ``[K, D]``.
+        positives: ``[Q, P]`` indices of each query's positive keys in ascending order, padded with -1.
+        chunk_size: Queries per block.
+    """
+    ranks = []
+    for start in range(0, queries.shape[0], chunk_size):
+        scores = queries[start : start + chunk_size] @ keys.T
+        candidates = positives[start : start + chunk_size]
+        candidate_scores = scores.gather(1, candidates.clamp(min=0)).masked_fill(candidates < 0, float("-inf"))
+        # argmax returns the first maximum: among equally scored positives the lowest index, as a stable sort would.
+        best = candidate_scores.argmax(dim=1, keepdim=True)
+        target, target_score = candidates.gather(1, best), candidate_scores.gather(1, best)
+        rank = (scores > target_score).sum(dim=1)
+        # Keys scoring exactly as much as the target come first when their index is lower. Such ties
+        # are rare with real features, so only the rows that have them pay for the index comparison.
+        tied = (scores == target_score).sum(dim=1) > 1
+        if tied.any():
+            key_index = torch.arange(keys.shape[0], device=keys.device)
+            earlier = (scores[tied] == target_score[tied]) & (key_index < target[tied])
+            rank[tied] += earlier.sum(dim=1)
+        # A NaN score compares false with everything and would rank first: count it as a miss, so a
+        # diverged model shows zero recall instead of perfect recall.
+        ranks.append(rank.masked_fill(target_score.isnan().squeeze(1), _MISS))
+    return torch.cat(ranks)
+
+
+def _group_indices(group_of: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """``[num_groups, max group size]`` member indices of each group in ascending order, padded with -1."""
+    order = torch.sort(group_of, stable=True).indices  # stable: members stay in ascending index order
+    counts = torch.bincount(group_of, minlength=num_groups)
+    starts = torch.cumsum(counts, dim=0) - counts
+    sorted_groups = group_of[order]
+    position = torch.arange(len(group_of), device=group_of.device) - starts[sorted_groups]
+    table = torch.full((num_groups, int(counts.max())), -1, dtype=torch.long, device=group_of.device)
+    table[sorted_groups, position] = order
+    return table
+
+
+def retrieval_recall(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    ks: Sequence[int] = (1, 5, 10),
+    chunk_size: int = 256,
+    text_to_image_index: torch.Tensor | None = None,
+) -> dict[str, float]:
+    """Image-to-text and text-to-image recall@k as fractions in [0, 1].
+
+    Scores are dot products, i.e. cosine similarities for normalized features. An image query is a
+    hit at k when any of its captions ranks in the top k; a caption query when its image does.
+    Equal scores rank by index, so results are deterministic.
+
+    Args:
+        image_features: ``[N, D]`` image embeddings.
+        text_features: ``[M, D]`` caption embeddings.
+        ks: The k values to report.
+        chunk_size: Queries scored at once; peak memory is about ``chunk_size x max(N, M)`` scores.
+        text_to_image_index: ``[M]`` index of the image each caption describes. ``None`` means
+            one caption per image, caption ``i`` describing image ``i``.
+
+    Returns:
+        ``{"image_to_text_R@1": ..., "text_to_image_R@1": ..., ...}``.
+    """
+    n_images, n_texts = image_features.shape[0], text_features.shape[0]
+    if image_features.dim() != 2 or text_features.dim() != 2 or image_features.shape[1] != text_features.shape[1]:
+        raise ValueError(
+            f"expected features [N, D] and [M, D], got {tuple(image_features.shape)} and {tuple(text_features.shape)}"
+        )
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    device = image_features.device
+    if text_to_image_index is None:
+        if n_images != n_texts:
+            raise ValueError(
+                f"{n_images} images but {n_texts} captions: pass text_to_image_index to say which image each caption"
+                " belongs to"
+            )
+        text_to_image_index = torch.arange(n_texts)
+    text_to_image_index = text_to_image_index.to(device=device, dtype=torch.long)
+    if text_to_image_index.shape != (n_texts,):
+        raise ValueError(f"text_to_image_index must have one entry per caption ({n_texts})")
+    if n_texts == 0 or text_to_image_index.min() < 0 or text_to_image_index.max() >= n_images:
+        raise ValueError(f"text_to_image_index must hold image indices in [0, {n_images})")
+    if torch.bincount(text_to_image_index, minlength=n_images).min() == 0:
+        raise ValueError("every image needs at least one caption for image-to-text recall")
+    # Comparing float32 scores keeps the ranking identical to a float32 reference whatever the
+    # features' training precision was.
+    images, texts = image_features.float(), text_features.to(device).float()
+    image_ranks = _ranks(images, texts, _group_indices(text_to_image_index, n_images), chunk_size)
+    text_ranks = _ranks(texts, images, text_to_image_index[:, None], chunk_size)
+    metrics = {}
+    for name, ranks in (("image_to_text", image_ranks), ("text_to_image", text_ranks)):
+        for k in ks:
+            # Integer counts divided in Python: exact fractions, not float32 means.
+            metrics[f"{name}_R@{k}"] = (ranks < k).sum().item() / len(ranks)
+    return metrics
+
+
+@torch.no_grad()
+def run_zero_shot(
+    model: CLIP,
+    classifier: torch.Tensor,
+    loader: Iterable,
+    topk: Sequence[int] = (1, 5),
+    device: str | torch.device | None = None,
+) -> dict[str, float]:
+    """Top-k zero-shot accuracy over a loader of ``(images, labels)`` batches."""
+    device = torch.device(device) if device is not None else _model_device(model)
+    classifier = classifier.to(device)
+    logits, labels = [], []
+    for images, batch_labels in loader:
+        logits.append(model.encode_image(images.to(device)).float() @ classifier)
+        labels.append(torch.as_tensor(batch_labels))
+    if not logits:
+        raise ValueError("the zero-shot data loader yielded no images")
+    return accuracy(torch.cat(logits), torch.cat(labels).to(device), topk)
+
+
+@torch.no_grad()
+def run_retrieval(
+    model: CLIP,
+    loader: Iterable,
+    ks: Sequence[int] = (1, 5, 10),
+    chunk_size: int = 256,
+    device: str | torch.device | None = None,
+    tokenizer: Tokenizer | None = None,
+) -> dict[str, float]:
+    """Retrieval recall@k over a loader of ``(images, tokens)`` batches, one caption per image.
+
+    Args:
+        model: The CLIP model.
+        loader: Batches of images and token ids, as ``data_pipelines``' validation stream yields; or of
+            images and lists of caption strings when ``tokenizer`` is given.
+        ks: The k values to report.
+        chunk_size: See ``retrieval_recall``.
+        device: Where to run the model; defaults to the model's device.
+        tokenizer: Tokenizes string captions.
+    """
+    device = torch.device(device) if device is not None else _model_device(model)
+    image_features, text_features = [], []
+    for images, captions in loader:
+        if not isinstance(captions, torch.Tensor):
+            if tokenizer is None:
+                raise ValueError("the loader yields caption strings; pass the tokenizer to run_retrieval")
+            captions = tokenizer(list(captions))
+        image_features.append(model.encode_image(images.to(device)).float())
+        text_features.append(model.encode_text(captions.to(device)).float())
+    if not image_features:
+        raise ValueError("the retrieval data loader yielded no pairs")
+    return retrieval_recall(torch.cat(image_features), torch.cat(text_features), ks, chunk_size)
+
+
+@dataclass
+class ZeroShotTask:
+    """A zero-shot classification benchmark, run by the trainer at each validation or by ``clip_pl.evaluate``.
+
+    Attributes:
+        name: Label used in logs and result tables.
+        data: A folder with one sub-folder of images per class (sorted sub-folder names give the
+            label order), or a WebDataset shard spec (``"val-{000..009}.tar"``, a directory,
+            ``::``-joined sources) whose samples carry an image and a class index.
+        classnames: One name per class in label order, or a file with one per line. ``None`` takes
+            a folder's sub-folder names with underscores as spaces; shards need it.
+        templates: Prompt templates with a ``{}`` or ``{label}`` placeholder, a file with one per
+            line, or ``None`` for ``DEFAULT_TEMPLATES``.
+        label_key: For shards, where the class index is: ``"cls"`` (a ``.cls`` member) or
+            ``"json:FIELD"`` (a field of the ``.json`` member).
+        topk: Accuracies to report.
+        batch_size: Images per forward pass.
+        num_workers: DataLoader worker processes for decoding.
+    """
+
+    name: str
+    data: str | list[str]
+    classnames: list[str] | str | None = None
+    templates: list[str] | str | None = None
+    label_key: str = "cls"
+    topk: tuple[int, ...] = (1, 5)
+    batch_size: int = 64
+    num_workers: int = 0
+
+    def dataset(self, transform: Callable[[Image.Image], torch.Tensor]) -> tuple[Dataset, list[str]]:
+        """The ``(image_tensor, class_index)`` dataset and the class names."""
+        if _is_image_folder(self.data):
+            dataset, folder_names = image_folder(self.data, transform)
+        else:
+            dataset, folder_names = LabelledShards(self.data, transform, self.label_key), None
+        if self.classnames is None:
+            if folder_names is None:
+                raise ValueError(
+                    f"zero-shot task {self.name!r} reads shards, so it needs classnames (a list or a file)"
+                )
+            return dataset, folder_names
+        classnames = read_lines(self.classnames) if isinstance(self.classnames, str) else list(self.classnames)
+        if folder_names is not None and len(classnames) != len(folder_names):
+            raise ValueError(
+                f"zero-shot task {self.name!r}: {len(classnames)} classnames for {len(folder_names)} class folders in "
+                f"{self.data!r}; give one name per sub-folder, in sorted sub-folder order"
+            )
+        return dataset, classnames
+
+    def evaluate(self, model: CLIP, tokenizer: Tokenizer, device: str | torch.device | None = None) -> dict[str, float]:
+        """Builds the classifier and returns top-k accuracies (fractions) keyed ``top1``, ``top5``..."""
+        dataset, classnames = self.dataset(image_transform(model.preprocess_config))
+        classifier = build_zero_shot_classifier(
+            model, tokenizer, classnames, resolve_templates(self.templates), device=device
+        )
+        loader = DataLoader(dataset, batch_size=self.batch_size, num_workers=self.num_workers)
+        return run_zero_shot(model, classifier, _checked_labels(loader, len(classnames)), self.topk, device)
+
+
+def _is_image_folder(data: str | list[str]) -> bool:
+    # A directory of .tar files is a shard spec, as in training.
+    return isinstance(data, str) and os.path.isdir(data) and not any(f.endswith(".tar") for f in os.listdir(data))
+
+
+def _checked_labels(loader: Iterable, num_classes: int) -> Iterator:
+    """Passes batches through, failing on a label without a class name instead of scoring it as wrong."""
+    for images, labels in loader:
+        labels = torch.as_tensor(labels)
+        outside = labels[(labels < 0) | (labels >= num_classes)]
+        if outside.numel():
+            raise ValueError(
+                f"class index {int(outside[0])} has no class name (there are {num_classes}); "
+                "give one class name per label, in label order"
+            )
+        yield images, labels

@@ -1,0 +1,200 @@
+"""The exported model: one self-contained ``.safetensors`` file for inference.
+
+The file holds the model weights (state dict keys of ``CLIP``, no ``model.`` prefix) and, in the
+safetensors string metadata, everything else needed to rebuild the model:
+
+- ``format``: ``"clip_pl"``, and ``format_version``: ``"1"``;
+- ``model_config``: ``CLIPConfig.to_dict()`` as JSON;
+- ``tokenizer_model``: the SentencePiece model bytes, base64;
+- ``tokenizer_context_length`` and ``tokenizer_lowercase`` (``"true"``/``"false"``).
+
+Unlike a training checkpoint it carries no optimizer state and reading it never unpickles
+anything, so it is safe to load from an untrusted source.
+
+Usage::
+
+    python -m clip_pl.export checkpoints/last.ckpt model.safetensors
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import binascii
+import json
+import os
+import struct
+import sys
+import tempfile
+
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from clip_pl.checkpoint import model_from_checkpoint, read_checkpoint
+from clip_pl.model import CLIP, CLIPConfig
+from clip_pl.tokenizer import Tokenizer
+
+FORMAT = "clip_pl"
+FORMAT_VERSION = "1"
+_REQUIRED_METADATA = ("model_config", "tokenizer_model", "tokenizer_context_length", "tokenizer_lowercase")
+
+
+def is_safetensors_file(path: str | os.PathLike) -> bool:
+    """Whether ``path`` starts like a safetensors file: a little-endian u64 header size, then ``{``.
+
+    Torch checkpoints start with ``PK`` (zip) or a pickle opcode, so this tells them apart; the size
+    is not checked against the file's, so a truncated export is still reported as one.
+    """
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] > 1
+
+
+def export_model(model: CLIP, tokenizer: Tokenizer, path: str | os.PathLike) -> None:
+    """Writes ``model`` and ``tokenizer`` to one safetensors file.
+
+    The file is written next to ``path`` and renamed into place, so an interrupted export never
+    leaves a truncated file behind.
+    """
+    config = CLIPConfig.from_dict(model.config.to_dict())
+    # The trunk weights are in the file; a path to the original weights would be meaningless elsewhere.
+    config.image.weights = None
+    metadata = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "model_config": json.dumps(config.to_dict()),
+        "tokenizer_model": base64.b64encode(tokenizer.model_proto).decode("ascii"),
+        "tokenizer_context_length": str(tokenizer.context_length),
+        "tokenizer_lowercase": "true" if tokenizer.lowercase else "false",
+    }
+    # safetensors stores plain contiguous buffers; views and non-contiguous tensors must be copied.
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def export_checkpoint(checkpoint_path: str | os.PathLike, output: str | os.PathLike) -> None:
+    """Converts a training checkpoint (``.ckpt``) into an exported ``.safetensors`` file."""
+    model, tokenizer = model_from_checkpoint(read_checkpoint(checkpoint_path))
+    export_model(model, tokenizer, output)
+
+
+def _bad(path: str, what: str) -> ValueError:
+    return ValueError(
+        f"{path!r} is not a valid clip_pl export: {what}. Re-export it with "
+        "`python -m clip_pl.export CHECKPOINT.ckpt OUT.safetensors`"
+    )
+
+
+def _tokenizer_from_metadata(path: str, metadata: dict[str, str]) -> Tokenizer:
+    try:
+        model_proto = base64.b64decode(metadata["tokenizer_model"], validate=True)
+    except binascii.Error as e:
+        raise _bad(path, f"tokenizer_model is not base64 ({e})") from None
+    try:
+        context_length = int(metadata["tokenizer_context_length"])
+    except ValueError:
+        raise _bad(
+            path, f"tokenizer_context_length {metadata['tokenizer_context_length']!r} is not an integer"
+        ) from None
+    lowercase = metadata["tokenizer_lowercase"]
+    if lowercase not in ("true", "false"):
+        raise _bad(path, f"tokenizer_lowercase must be 'true' or 'false', got {lowercase!r}")
+    try:
+        return Tokenizer(model_proto, context_length=context_length, lowercase=lowercase == "true")
+    except (RuntimeError, ValueError) as e:
+        raise _bad(path, f"the tokenizer cannot be rebuilt ({e})") from None
+
+
+def _config_from_metadata(path: str, metadata: dict[str, str]) -> CLIPConfig:
+    try:
+        config = CLIPConfig.from_dict(json.loads(metadata["model_config"]))
+    except json.JSONDecodeError as e:
+        raise _bad(path, f"model_config is not JSON ({e})") from None
+    except (TypeError, AttributeError, ValueError) as e:
+        raise _bad(path, f"model_config does not describe a CLIPConfig ({e})") from None
+    config.image.weights = None
+    return config
+
+
+def read_exported(path: str | os.PathLike) -> tuple[CLIP, Tokenizer]:
+    """Rebuilds the model (eval mode, on CPU) and tokenizer from an exported file.
+
+    Raises:
+        ValueError: The file is not a clip_pl export, or its metadata or weights are inconsistent.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"exported model {path!r} not found")
+    if not is_safetensors_file(path):
+        raise _bad(path, "it is not a safetensors file")
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            metadata = f.metadata() or {}
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except SafetensorError as e:
+        raise _bad(path, f"safetensors cannot read it ({e})") from None
+    if metadata.get("format") != FORMAT:
+        raise _bad(path, f"its metadata 'format' is {metadata.get('format')!r}, expected {FORMAT!r}")
+    if metadata.get("format_version") != FORMAT_VERSION:
+        raise _bad(
+            path,
+            f"format_version {metadata.get('format_version')!r} is not supported by this clip_pl "
+            f"(it reads version {FORMAT_VERSION})",
+        )
+    missing = [k for k in _REQUIRED_METADATA if k not in metadata]
+    if missing:
+        raise _bad(path, f"its metadata lacks {', '.join(missing)}")
+    tokenizer = _tokenizer_from_metadata(path, metadata)
+    config = _config_from_metadata(path, metadata)
+    if tokenizer.vocab_size > config.text.vocab_size:
+        raise _bad(
+            path,
+            f"its tokenizer has {tokenizer.vocab_size} pieces but the text tower only "
+            f"{config.text.vocab_size} token embeddings",
+        )
+    model = CLIP(config)
+    try:
+        # strict=False so that the error below can say what is missing and what is extra.
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # Shape mismatches are raised even when strict=False.
+        raise _bad(path, f"its weights do not fit its model_config ({e})") from None
+    if result.missing_keys or result.unexpected_keys:
+        raise _bad(
+            path,
+            f"its weights do not fit its model_config ({len(result.missing_keys)} missing, e.g. "
+            f"{result.missing_keys[:3]}; {len(result.unexpected_keys)} unexpected, e.g. {result.unexpected_keys[:3]})",
+        )
+    return model.eval(), tokenizer
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m clip_pl.export",
+        description="Export a training checkpoint to one self-contained .safetensors file for inference.",
+    )
+    parser.add_argument("checkpoint", help="training checkpoint (.ckpt) written by train.py")
+    parser.add_argument("output", help="file to write, e.g. model.safetensors")
+    args = parser.parse_args(argv)
+    try:
+        export_checkpoint(args.checkpoint, args.output)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    size_mb = os.path.getsize(args.output) / 2**20
+    print(f"wrote {args.output} ({size_mb:.1f} MiB)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,192 @@
+"""What a sample is: an image file and a caption inside one WebDataset (img2dataset) sample.
+
+A raw sample is the dict webdataset groups from a tar: ``{"__key__": ..., "jpg": bytes, "txt": bytes,
+"json": bytes, ...}`` with lower-cased extensions as keys. The same caption extraction serves the
+training pipeline, ``inspect`` and ``train_tokenizer``.
+
+Caption keys: ``"txt"`` reads the caption file with that extension (any extension works, e.g.
+``"caption"`` for ``key.caption``); ``"json:caption"`` reads field ``caption`` of the sample's
+``.json`` (dots reach nested fields: ``"json:meta.caption"``).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from itertools import islice
+
+import webdataset as wds
+from PIL import Image
+
+from clip_pl.transforms import to_rgb
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+
+# PIL's own default limit (about 89.5 megapixels); larger images are treated as decompression bombs.
+DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
+
+# Reasons a sample is dropped; the order is the column order of the shared skip counters.
+SKIP_KINDS = ("unreadable_shard", "missing_image", "missing_caption", "bad_image", "too_large")
+
+
+class SkipSample(Exception):
+    """A sample that cannot be used; ``kind`` is one of ``SKIP_KINDS``."""
+
+    def __init__(self, kind: str, detail: str = ""):
+        super().__init__(f"{kind}: {detail}" if detail else kind)
+        self.kind = kind
+
+
+@dataclass(frozen=True)
+class CaptionKey:
+    """Where the caption lives in a sample.
+
+    Attributes:
+        extension: The file extension holding the caption (``txt``) or the JSON (``json``).
+        field: Dotted path of the caption inside the JSON, or None for a plain text file.
+    """
+
+    extension: str
+    field: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> CaptionKey:
+        """Parses ``"txt"`` or ``"json:caption"``."""
+        ext, sep, field = text.partition(":")
+        ext = ext.strip().lower().lstrip(".")
+        if not ext or (sep and not field.strip()):
+            raise ValueError(f"caption_key must look like 'txt' or 'json:caption', got {text!r}")
+        return cls(ext, field.strip() if sep else None)
+
+    def __str__(self) -> str:
+        return f"{self.extension}:{self.field}" if self.field else self.extension
+
+    def get(self, sample: dict) -> str | None:
+        """The stripped caption of a raw sample, or None when missing, empty or unreadable."""
+        data = sample.get(self.extension)
+        if data is None:
+            return None
+        try:
+            text = data.decode("utf-8") if isinstance(data, bytes) else str(data)
+            if self.field is not None:
+                value = json.loads(text)
+                for name in self.field.split("."):
+                    value = value[name]
+                if not isinstance(value, str):
+                    return None
+                text = value
+        except (UnicodeDecodeError, ValueError, KeyError, TypeError):
+            return None
+        text = text.strip()
+        return text or None
+
+
+def image_bytes(sample: dict, image_keys: Sequence[str] = IMAGE_EXTENSIONS) -> bytes | None:
+    """The encoded image of a raw sample (first of ``image_keys`` present), or None."""
+    for key in image_keys:
+        if key in sample:
+            return sample[key]
+    return None
+
+
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
+    """Decodes an encoded image into an RGB PIL image.
+
+    Args:
+        data: The encoded image (JPEG, PNG, WebP, ...).
+        max_pixels: Larger images are rejected before their pixels are decoded.
+
+    Raises:
+        SkipSample: ``too_large`` for a decompression bomb, ``bad_image`` when it cannot be decoded.
+    """
+    try:
+        with warnings.catch_warnings():
+            # The pixel limit below is the check; PIL's warning for big images would only add noise.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            width, height = image.size
+            if width * height > max_pixels:
+                raise SkipSample("too_large", f"{width}x{height} pixels")
+            image.load()
+            return to_rgb(image)
+    except Image.DecompressionBombError as exn:
+        raise SkipSample("too_large", str(exn)) from None
+    except SkipSample:
+        raise
+    except Exception as exn:  # PIL raises many types (OSError, SyntaxError, ValueError...) on bad data.
+        raise SkipSample("bad_image", repr(exn)) from None
+
+
+def read_samples(
+    urls: Iterable[str],
+    handler: Callable[[Exception], bool],
+    select_files: Callable[[str], bool] | None = None,
+) -> Iterator[dict]:
+    """Raw samples of the given shards in order, through webdataset's tar reader.
+
+    Args:
+        urls: Shard URLs or paths.
+        handler: Called with every shard-level error (missing or truncated tar...); return True to
+            go on with the next shard.
+        select_files: Keep only tar members whose name passes (saves reading unused images).
+    """
+    return wds.tarfile_to_samples(handler=handler, select_files=select_files)({"url": u} for u in urls)
+
+
+def check_layout(
+    urls: Sequence[str],
+    caption_key: CaptionKey,
+    image_keys: Sequence[str] = IMAGE_EXTENSIONS,
+    max_samples: int = 1000,
+    source_name: str = "",
+) -> None:
+    """Fails fast when the first samples of a source never hold an image or the caption.
+
+    Reads raw samples (no image decoding) from the first shards until ``max_samples`` were seen.
+    Runs in the main process, so a wrong key stops training with one message instead of
+    workers silently skipping every sample.
+
+    Raises:
+        ValueError: Naming the keys actually present (and the JSON fields) with what to change.
+    """
+    errors: list[Exception] = []
+
+    def remember(exn: Exception) -> bool:
+        errors.append(exn)
+        return len(errors) < 10
+
+    extensions: dict[str, int] = {}
+    json_fields: set[str] = set()
+    n = with_image = with_caption = 0
+    for sample in islice(read_samples(urls, remember), max_samples):
+        n += 1
+        for k in sample:
+            if not k.startswith("__"):
+                extensions[k] = extensions.get(k, 0) + 1
+        if "json" in sample:
+            try:
+                json_fields.update(json.loads(sample["json"]))
+            except (ValueError, TypeError):
+                pass
+        with_image += image_bytes(sample, image_keys) is not None
+        with_caption += caption_key.get(sample) is not None
+        if with_image and with_caption:
+            return
+    where = f"source {source_name!r}" if source_name else "the shards"
+    if n == 0:
+        detail = f": {errors[0]}" if errors else ""
+        raise ValueError(f"no readable sample in the first shards of {where} (first: {urls[0]}){detail}")
+    found = ", ".join(f"{k} ({c})" for k, c in sorted(extensions.items())) or "nothing"
+    if not with_image:
+        raise ValueError(
+            f"none of the first {n} samples of {where} has an image file with extension "
+            f"{'/'.join(image_keys)}; the samples contain: {found}. Set image_keys to the image extension."
+        )
+    hint = f"; the JSON fields are: {', '.join(sorted(json_fields))}" if json_fields else ""
+    raise ValueError(
+        f"caption_key={str(caption_key)!r} matches no non-empty caption in the first {n} samples of {where}; "
+        f"the samples contain: {found}{hint}. Set caption_key to 'txt' (a caption file) or 'json:FIELD'."
+    )

@@ -1,0 +1,164 @@
+import base64
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tiny_clip import make_model, make_tokenizer, random_image, write_checkpoint
+
+import clip_pl
+from clip_pl import export
+from clip_pl.model import PreprocessConfig
+from clip_pl.transforms import image_transform, to_rgb
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("api")
+    tokenizer = make_tokenizer(directory)
+    model = make_model(tokenizer, seed=1)
+    checkpoint = write_checkpoint(model, tokenizer, directory / "last.ckpt")
+    exported = directory / "model.safetensors"
+    assert export.main([str(checkpoint), str(exported)]) == 0
+    return model, tokenizer, checkpoint, exported
+
+
+def test_load_checkpoint_and_export_give_identical_embeddings(files):
+    original, _, checkpoint, exported = files
+    images = torch.stack([image_transform(original.preprocess_config)(random_image(i)) for i in range(3)])
+    captions = ["a red apple", "a dog running on the beach", "an unseen wörd"]
+    results = []
+    for path in (checkpoint, exported):
+        model, preprocess, tokenizer = clip_pl.load(path)
+        assert not model.training
+        assert next(model.parameters()).device == torch.device("cpu")
+        with torch.no_grad():
+            batch = torch.stack([preprocess(random_image(i)) for i in range(3)])
+            results.append((batch, model.encode_image(batch), model.encode_text(tokenizer(captions))))
+    (batch_a, image_a, text_a), (batch_b, image_b, text_b) = results
+    assert torch.equal(batch_a, images) and torch.equal(batch_b, images)
+    assert torch.equal(image_a, image_b) and torch.equal(text_a, text_b)
+    with torch.no_grad():
+        assert torch.equal(image_a, original.encode_image(images))
+
+
+def test_export_is_self_contained_safetensors(files):
+    model, tokenizer, _, exported = files
+    with safe_open(str(exported), framework="pt") as f:
+        metadata = f.metadata()
+        keys = set(f.keys())
+    assert keys == set(model.state_dict())
+    assert metadata["format"] == "clip_pl" and metadata["tokenizer_context_length"] == "32"
+    assert base64.b64decode(metadata["tokenizer_model"]) == tokenizer.model_proto
+    assert json.loads(metadata["model_config"])["embed_dim"] == 64
+
+
+def test_format_is_detected_from_content_not_name(files, tmp_path):
+    _, _, checkpoint, exported = files
+    renamed_ckpt, renamed_export = tmp_path / "weights.pt", tmp_path / "model.ckpt"
+    renamed_ckpt.write_bytes(checkpoint.read_bytes())
+    renamed_export.write_bytes(exported.read_bytes())
+    tokens = clip_pl.load(exported)[2](["a cat"])
+    a, b = clip_pl.load(renamed_ckpt)[0], clip_pl.load(renamed_export)[0]
+    with torch.no_grad():
+        assert torch.equal(a.encode_text(tokens), b.encode_text(tokens))
+
+
+def _rewrite(source, target, metadata_changes=(), drop_tensor=None):
+    with safe_open(str(source), framework="pt") as f:
+        metadata = dict(f.metadata())
+        tensors = {k: f.get_tensor(k) for k in f.keys() if k != drop_tensor}
+    for key, value in dict(metadata_changes).items():
+        if value is None:
+            metadata.pop(key)
+        else:
+            metadata[key] = value
+    save_file(tensors, str(target), metadata=metadata)
+    return target
+
+
+@pytest.mark.parametrize(
+    "changes, drop, message",
+    [
+        ({"format": None}, None, "metadata 'format' is None, expected 'clip_pl'"),
+        ({"format_version": "99"}, None, "format_version '99' is not supported"),
+        ({"model_config": "{not json"}, None, "model_config is not JSON"),
+        ({"model_config": json.dumps({"embed_dim": 8, "colour": 1})}, None, "does not describe a CLIPConfig"),
+        ({"tokenizer_model": "%%%"}, None, "tokenizer_model is not base64"),
+        ({"tokenizer_model": base64.b64encode(b"junk").decode()}, None, "tokenizer cannot be rebuilt"),
+        ({"tokenizer_context_length": "many"}, None, "tokenizer_context_length 'many' is not an integer"),
+        ({"tokenizer_lowercase": "yes"}, None, "tokenizer_lowercase must be 'true' or 'false'"),
+        ({"tokenizer_lowercase": None}, None, "metadata lacks tokenizer_lowercase"),
+        ({}, "image_tower.proj.weight", "1 missing, e.g. ['image_tower.proj.weight']"),
+    ],
+)
+def test_bad_export_metadata_gives_clear_error(files, tmp_path, changes, drop, message):
+    bad = _rewrite(files[3], tmp_path / "bad.safetensors", changes, drop)
+    with pytest.raises(ValueError) as error:
+        clip_pl.load(bad)
+    assert "is not a valid clip_pl export" in str(error.value)
+    assert message in str(error.value)
+    assert "python -m clip_pl.export" in str(error.value)
+
+
+def test_wrong_shapes_and_non_safetensors(files, tmp_path):
+    config = json.loads(_metadata(files[3])["model_config"])
+    config["embed_dim"] = 32
+    bad = _rewrite(files[3], tmp_path / "shape.safetensors", {"model_config": json.dumps(config)})
+    with pytest.raises(ValueError, match="weights do not fit its model_config"):
+        clip_pl.load(bad)
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(files[3].read_bytes()[:5000])
+    with pytest.raises(ValueError, match="safetensors cannot read it"):
+        clip_pl.load(truncated)
+    with pytest.raises(FileNotFoundError, match="not found"):
+        clip_pl.load(tmp_path / "missing.ckpt")
+
+
+def _metadata(path):
+    with safe_open(str(path), framework="pt") as f:
+        return f.metadata()
+
+
+def test_export_cli_reports_missing_checkpoint(tmp_path, capsys):
+    assert export.main([str(tmp_path / "none.ckpt"), str(tmp_path / "out.safetensors")]) == 2
+    assert "not found" in capsys.readouterr().err
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+# ---------------------------------------------------------------- transforms
+
+CONFIG = PreprocessConfig(image_size=32, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3), interpolation="bicubic")
+
+
+def test_eval_transform_resizes_short_side_and_center_crops():
+    image = random_image(0, size=(64, 40))  # 64 wide, 40 high
+    out = image_transform(CONFIG)(image)
+    assert out.shape == (3, 32, 32)
+    resized = image.resize((51, 32), Image.Resampling.BICUBIC)  # short side 40 -> 32, width 64 * 0.8 = 51.2
+    left = round((51 - 32) / 2)
+    expected = np.asarray(resized.crop((left, 0, left + 32, 32)), dtype=np.float32) / 255
+    expected = (expected - np.array(CONFIG.mean)) / np.array(CONFIG.std)
+    assert np.allclose(out.permute(1, 2, 0).numpy(), expected, atol=1e-5)
+
+
+def test_train_transform_crops_randomly():
+    torch.manual_seed(0)
+    transform = image_transform(CONFIG, train=True, crop_scale=(0.3, 0.6))
+    image = random_image(1, size=(64, 64))
+    a, b = transform(image), transform(image)
+    assert a.shape == b.shape == (3, 32, 32)
+    assert not torch.equal(a, b)
+    with pytest.raises(ValueError, match="crop_scale"):
+        image_transform(CONFIG, train=True, crop_scale=(0.5, 1.5))
+
+
+def test_transparent_pixels_become_white():
+    rgba = Image.new("RGBA", (4, 4), (255, 0, 0, 0))
+    rgba.putpixel((0, 0), (255, 0, 0, 255))
+    rgb = to_rgb(rgba)
+    assert rgb.mode == "RGB" and rgb.getpixel((1, 1)) == (255, 255, 255) and rgb.getpixel((0, 0)) == (255, 0, 0)
+    assert to_rgb(Image.new("L", (2, 2), 7)).getpixel((0, 0)) == (7, 7, 7)

@@ -1,0 +1,56 @@
+"""The real Hydra config, composed with overrides as users write them."""
+
+import os
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+CONF = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
+EXPERIMENTS = sorted(f[:-5] for f in os.listdir(os.path.join(CONF, "experiment")))
+
+
+def compose_train(overrides=()):
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        return compose(config_name="train", overrides=list(overrides))
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_experiment_composes_and_model_builds(experiment):
+    cfg = compose_train([f"experiment={experiment}"])
+    assert cfg.run_name == experiment
+    with torch.device("meta"):
+        model = instantiate(cfg.model, text={"vocab_size": 32000, **cfg.model.text}, _convert_="all")
+    assert model.config.text.context_length == cfg.tokenizer.context_length
+    if experiment.startswith("laion400m"):
+        # OpenCLIP's published global batches: 128 x 256 (B/32) and 176 x 192 (B/16).
+        global_batch = cfg.data.batch_size * cfg.trainer.devices * cfg.trainer.num_nodes
+        assert global_batch == {"laion400m_vit_b32": 32768, "laion400m_vit_b16": 33792}[experiment]
+        assert cfg.trainer.max_steps == pytest.approx(32 * cfg.data.samples_per_epoch / global_batch, abs=1)
+        assert cfg.trainer.precision == "bf16-mixed"
+
+
+def test_siglip_loss_adds_bias_to_model():
+    cfg = compose_train(["loss=siglip"])
+    assert cfg.loss._target_ == "clip_pl.loss.SigLipLoss"
+    assert cfg.model.init_logit_bias == -10.0
+
+
+@pytest.mark.parametrize("group,options", [("model", ["tiny", "rn50", "vit_b32", "vit_b16", "vit_l14"]),
+                                           ("logger", ["csv", "tensorboard", "wandb", "none"]),
+                                           ("trainer", ["cpu", "gpu", "multinode"])])
+def test_groups_compose(group, options):
+    for option in options:
+        cfg = compose_train([f"{group}={option}"])
+        assert cfg[group] is not None or option == "none"
+
+
+def test_user_facing_keys_exist():
+    cfg = compose_train(["data=webdataset", "data.train_shards='/x/{0..1}.tar'", "trainer.devices=2", "trainer.num_nodes=3"])
+    for key in ("data.train_shards", "data.val_shards", "data.caption_key", "data.batch_size", "data.num_workers",
+                "data.samples_per_epoch", "tokenizer.path", "trainer.max_steps", "trainer.devices",
+                "trainer.num_nodes", "trainer.precision", "seed", "run_dir"):
+        parent, _, leaf = key.rpartition(".")
+        assert leaf in (OmegaConf.select(cfg, parent) if parent else cfg).keys(), key

@@ -1,0 +1,174 @@
+"""train.py end to end: the real config, composed with overrides, on a small demo dataset."""
+
+import os
+import subprocess
+import sys
+
+import lightning as L
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+import train
+from clip_pl.checkpoint import read_checkpoint
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONF = os.path.join(ROOT, "conf")
+
+
+@pytest.fixture(scope="module")
+def demo_overrides(tmp_path_factory):
+    """Overrides that make the demo small: 512 train / 128 val images of 32 px, batch 16."""
+    cache = tmp_path_factory.mktemp("demo_cache")
+    return [
+        f"demo_cache={cache}",
+        "prepare_data.num_train=512",
+        "prepare_data.num_val=128",
+        "model.image.image_size=32",
+        "data.batch_size=16",
+        "data.num_workers=0",
+        "logger=csv",
+        "trainer.enable_progress_bar=false",
+        "+trainer.enable_model_summary=false",
+    ]
+
+
+def compose_train(overrides):
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        return compose(config_name="train", overrides=list(overrides))
+
+
+def run_cli(args, timeout=300):
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.mark.parametrize("loss", ["clip", "siglip"])
+def test_few_steps_each_loss(loss, demo_overrides, tmp_path):
+    cfg = compose_train([*demo_overrides, f"loss={loss}", f"run_dir={tmp_path}", "trainer.max_steps=4"])
+    metrics = train.train(cfg)
+    assert torch.isfinite(torch.tensor(metrics["train/loss"]))
+    checkpoint = read_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
+    assert checkpoint["global_step"] == 4
+    has_bias = "model.logit_bias" in checkpoint["state_dict"]
+    assert has_bias == (loss == "siglip")
+    assert (tmp_path / "config.yaml").is_file() and (tmp_path / "csv" / "version_0" / "metrics.csv").is_file()
+
+
+class _Recorder(L.Callback):
+    """Records what a run saw: the first token row of each batch, and the state at start."""
+
+    def __init__(self):
+        self.batches, self.start = [], None
+
+    def on_train_start(self, trainer, pl_module):
+        optimizer = trainer.optimizers[0]
+        adam_steps = [s["step"].item() for s in optimizer.state.values() if "step" in s]
+        self.start = {"global_step": trainer.global_step, "adam_steps": set(adam_steps),
+                      "lr": optimizer.param_groups[0]["lr"]}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.batches.append(batch[1][0].clone())
+
+
+class _StopAt(L.Callback):
+    """Stops training after ``step`` optimizer steps, as a preemption would."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            trainer.should_stop = True
+
+
+def _fit(cfg, run_dir, resume=False, stop_at=None):
+    module, datamodule, trainer = train.build(cfg, str(run_dir))
+    recorder = _Recorder()
+    trainer.callbacks.append(recorder)
+    if stop_at is not None:
+        trainer.callbacks.append(_StopAt(stop_at))
+    last = os.path.join(run_dir, "checkpoints", "last.ckpt")
+    trainer.fit(module, datamodule=datamodule, ckpt_path=last if resume else None)
+    return recorder, module
+
+
+def test_resume_continues_exactly_where_it_stopped(demo_overrides, tmp_path):
+    """Stopped at step 6 and resumed to 12 == trained to 12 at once: same batches, same weights."""
+    cfg = compose_train([*demo_overrides, "data.mode=epoch", "optim.warmup_steps=3", "checkpoint.every_n_steps=3",
+                         "+trainer.limit_val_batches=0", "trainer.max_steps=12"])
+    # 512 samples / 16 = 32 batches per epoch: steps 6..12 stay inside epoch 0.
+    straight, straight_module = _fit(cfg, tmp_path / "straight")
+    first, _ = _fit(cfg, tmp_path / "split", stop_at=6)
+    resumed, resumed_module = _fit(cfg, tmp_path / "split", resume=True)
+
+    assert len(first.batches) == 6 and resumed.start["global_step"] == 6
+    assert resumed.start["adam_steps"] == {6.0}
+    assert len(resumed.batches) == 6
+    for got, expected in zip(resumed.batches, straight.batches[6:]):
+        assert torch.equal(got, expected)
+    assert not torch.equal(resumed.batches[0], straight.batches[0])
+    for (name, a), b in zip(straight_module.model.named_parameters(), resumed_module.model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+    assert read_checkpoint(tmp_path / "split" / "checkpoints" / "last.ckpt")["global_step"] == 12
+
+
+def test_rerunning_the_command_resumes(demo_overrides, tmp_path):
+    args = [*demo_overrides, f"run_dir={tmp_path}", "+trainer.limit_val_batches=0"]
+    first = run_cli([*args, "trainer.max_steps=3"])
+    assert first.returncode == 0, first.stderr[-2000:]
+    second = run_cli([*args, "trainer.max_steps=5"])
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "resuming from" in second.stderr + second.stdout
+    assert read_checkpoint(tmp_path / "checkpoints" / "last.ckpt")["global_step"] == 5
+
+
+def test_ddp_two_cpu_processes_through_entry_point(demo_overrides, tmp_path):
+    result = run_cli([*demo_overrides, f"run_dir={tmp_path}", "trainer.devices=2", "trainer.strategy=ddp",
+                      "trainer.max_steps=3", "data.num_workers=1", "+trainer.limit_val_batches=2",
+                      "+trainer.val_check_interval=3"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    output = result.stdout + result.stderr
+    assert "distributed_backend=gloo" in output and "All distributed processes registered" in output
+    checkpoint = read_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
+    assert checkpoint["global_step"] == 3
+    assert "val/image_to_text_R@1" in output
+
+
+def test_local_sweep_runs_each_job(demo_overrides, tmp_path):
+    result = run_cli(["-m", *demo_overrides, f"run_dir={tmp_path}", "optim.lr=1e-4,3e-4", "trainer.max_steps=2",
+                      "+trainer.limit_val_batches=0"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    for job, lr in (("0", 1e-4), ("1", 3e-4)):
+        assert f"optim.lr={lr:g}" in (tmp_path / job / ".hydra" / "overrides.yaml").read_text()
+        checkpoint = read_checkpoint(tmp_path / job / "checkpoints" / "last.ckpt")
+        assert checkpoint["global_step"] == 2
+        assert checkpoint["lr_schedulers"][0]["base_values"][0] == pytest.approx(lr)
+
+
+def test_missing_tokenizer_is_one_clear_line(tmp_path):
+    result = run_cli([f"run_dir={tmp_path}", "model.image.name=vit_base_patch61_clip_224", "prepare_data=null",
+                      "tokenizer.path=/nonexistent"], timeout=120)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert "tokenizer model '/nonexistent' not found" in result.stderr
+
+
+def test_unknown_timm_model_suggests(demo_overrides, tmp_path):
+    result = run_cli([*demo_overrides, f"run_dir={tmp_path}", "model.image.name=vit_base_patch61_clip_224"], timeout=120)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert "unknown timm model 'vit_base_patch61_clip_224'" in result.stderr
+    assert "vit_base_patch16_clip_224" in result.stderr
+
+
+def test_demo_beats_chance(tmp_path_factory, tmp_path):
+    """A shortened `python train.py`: 64 px demo images, 1.5 epochs, zero-shot colour well above 1/6."""
+    cache = tmp_path_factory.mktemp("demo64")
+    cfg = compose_train([f"demo_cache={cache}", "prepare_data.num_train=1536", "prepare_data.num_val=192",
+                         f"run_dir={tmp_path}", "trainer.max_steps=36", "data.batch_size=64",
+                         "data.num_workers=0", "trainer.enable_progress_bar=false", "optim.warmup_steps=10",
+                         "+trainer.val_check_interval=12"])
+    metrics = train.train(cfg)
+    assert metrics["zeroshot/demo_colour/top1"] > 0.5
