@@ -15,6 +15,7 @@ import sys
 import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
@@ -23,6 +24,8 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from clip_pl.callbacks import AtomicCheckpointIO, SkippedSamplesMonitor, TrainingSpeedMonitor
+from clip_pl.errors import USER_ERRORS, report_user_error
+from clip_pl.init import init_from_pretrained
 from clip_pl.slurm import RequeueOnSignal, check_task_layout, is_slurm_task, stopped_for_requeue
 
 log = logging.getLogger("clip_pl")
@@ -41,6 +44,9 @@ def build(cfg: DictConfig, run_dir: str) -> tuple[L.LightningModule, L.Lightning
     tokenizer = instantiate(cfg.tokenizer)
     text = {"vocab_size": tokenizer.vocab_size, "pad_id": tokenizer.pad_id, "eos_id": tokenizer.eos_id}
     model = instantiate(cfg.model, text={**text, **cfg.model.text}, _convert_="all")
+    # A resuming run takes its weights from last.ckpt, and the pretrained files may be gone by then.
+    if not os.path.isfile(os.path.join(run_dir, "checkpoints", "last.ckpt")):
+        init_from_pretrained(model, tokenizer, **OmegaConf.to_container(cfg.init, resolve=True))
     preprocess = model.preprocess_config
     # Built objects go in as plain arguments (_partial_), so Hydra never converts them to config nodes.
     datamodule = instantiate(cfg.data, _partial_=True)(
@@ -70,6 +76,8 @@ def build(cfg: DictConfig, run_dir: str) -> tuple[L.LightningModule, L.Lightning
         TrainingSpeedMonitor(),
         SkippedSamplesMonitor(),
     ]
+    if cfg.pictures is not None:
+        callbacks.append(instantiate(cfg.pictures))
     if loggers:
         callbacks.append(LearningRateMonitor(logging_interval="step"))
     trainer_cfg = cfg.trainer
@@ -131,12 +139,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
 def main(cfg: DictConfig) -> None:
     try:
         train(cfg)
-    except (ValueError, FileNotFoundError) as e:
+    except Exception as e:
         # Mistakes in the config or the data: one line that says what to change, not a traceback.
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        # Hydra wraps what a constructor raises in an InstantiationException; report the original.
+        cause = e.__cause__ if isinstance(e, InstantiationException) and e.__cause__ is not None else e
+        if not isinstance(cause, USER_ERRORS) or os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(report_user_error(cause))
 
 
 if __name__ == "__main__":

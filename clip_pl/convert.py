@@ -31,6 +31,7 @@ from safetensors.torch import load_file, save_file
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
 from clip_pl.api import read_state_dict
+from clip_pl.errors import USER_ERRORS, report_user_error
 from clip_pl.export import is_safetensors_file
 from clip_pl.model import CLIP, ImageTower, get_model_config
 
@@ -169,9 +170,8 @@ def main(argv: list[str] | None = None) -> int:
         with torch.device("meta"):
             tower = ImageTower(config.image, config.embed_dim)
         converted = convert_openclip_image_tower(read_weights_file(args.weights), tower)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as e:
+        return report_user_error(e)
     trunk = {k[len("trunk.") :]: v.contiguous() for k, v in converted.items() if k.startswith("trunk.")}
     save_file(trunk, args.output)
     print(

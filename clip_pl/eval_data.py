@@ -20,7 +20,6 @@ from data_pipelines.samples import IMAGE_EXTENSIONS, decode_image, image_bytes, 
 from data_pipelines.shards import parse_shard_spec
 
 
-
 def _open_image(path: str) -> Image.Image:
     # torchvision's default loader converts to RGB itself, turning transparency black; the
     # transform's own conversion composites on white, as training's decoding does.

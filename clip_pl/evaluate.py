@@ -26,6 +26,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from clip_pl.api import load
+from clip_pl.errors import USER_ERRORS, report_user_error
 from clip_pl.evaluation import ZeroShotTask, resolve_templates, run_retrieval
 from clip_pl.model import CLIP
 from clip_pl.tokenizer import Tokenizer
@@ -117,9 +118,8 @@ def main(argv: list[str] | None = None) -> int:
                 args.num_workers,
                 args.chunk_size,
             )
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as e:
+        return report_user_error(e)
     print(json.dumps(results, indent=2) if args.json else format_results(results))
     return 0
 

@@ -31,6 +31,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from clip_pl.checkpoint import model_from_checkpoint, read_checkpoint
+from clip_pl.errors import USER_ERRORS, report_user_error
 from clip_pl.model import CLIP, CLIPConfig
 from clip_pl.tokenizer import Tokenizer
 
@@ -188,9 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         export_checkpoint(args.checkpoint, args.output)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as e:
+        return report_user_error(e)
     size_mb = os.path.getsize(args.output) / 2**20
     print(f"wrote {args.output} ({size_mb:.1f} MiB)")
     return 0

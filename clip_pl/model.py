@@ -37,7 +37,8 @@ class ImageTowerConfig:
             ``vit_base_patch16_clip_224``.
         image_size: Square input resolution.
         weights: Optional local weights file (``.pth``/``.safetensors``) for the timm trunk.
-        model_kwargs: Extra keyword arguments for ``timm.create_model`` (``depth``, ``patch_size``...).
+        model_kwargs: Extra keyword arguments for ``timm.create_model`` (``depth``, ``patch_size``...);
+            replacing ``name`` in ``get_model_config`` drops the preset's kwargs unless new ones are given.
         grad_checkpointing: Recompute trunk activations in backward to save memory.
     """
 
@@ -353,6 +354,9 @@ def get_model_config(
         hint = f" Did you mean {', '.join(close)}?" if close else ""
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(list_models())}.{hint}")
     config = copy.deepcopy(MODEL_CONFIGS[name])
+    if image and image.get("name", config.image.name) != config.image.name and "model_kwargs" not in image:
+        # A preset's timm kwargs (depth, patch size...) belong to its own trunk, not to a replacement.
+        config.image.model_kwargs = {}
     for part, fields in (("image", image), ("text", text)):
         for key, value in (fields or {}).items():
             if not hasattr(getattr(config, part), key):

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.utilities import rank_zero_warn
 import numpy as np
 import torch
 from timm.scheduler import CosineLRScheduler
@@ -14,6 +15,7 @@ from torch import nn
 
 from clip_pl.checkpoint import CHECKPOINT_KEY
 from clip_pl.distributed import all_gather_uneven
+from clip_pl.lock import eval_frozen_modules, lock_image_tower, lock_text_tower
 from clip_pl.model import CLIP
 from clip_pl.tokenizer import Tokenizer
 
@@ -89,6 +91,11 @@ class CLIPModule(L.LightningModule):
         optim: Optimizer and schedule settings.
         compile: Compile the model with ``torch.compile``.
         zero_shot_tasks: Zero-shot classification tasks run at each validation.
+        lock_image: Freeze the image tower (LiT), but its projection and its last
+            ``lock_image_unlocked_groups`` parameter groups; see ``clip_pl.lock``.
+        lock_image_unlocked_groups: Groups of a locked image tower, counted from the output, left trainable.
+        lock_text: Freeze the text tower likewise.
+        lock_text_unlocked_groups: Groups of a locked text tower left trainable.
     """
 
     def __init__(
@@ -99,6 +106,10 @@ class CLIPModule(L.LightningModule):
         optim: OptimizerConfig | dict[str, Any] | None = None,
         compile: bool = False,
         zero_shot_tasks: list[Any] | tuple[Any, ...] = (),
+        lock_image: bool = False,
+        lock_image_unlocked_groups: int = 0,
+        lock_text: bool = False,
+        lock_text_unlocked_groups: int = 0,
     ):
         super().__init__()
         self.model = model
@@ -113,11 +124,23 @@ class CLIPModule(L.LightningModule):
                 f"the tokenizer has {tokenizer.vocab_size} tokens but the text tower only "
                 f"{model.config.text.vocab_size}; set model.text.vocab_size to at least {tokenizer.vocab_size}"
             )
+        for tower, locked, unlocked_groups, lock in (
+            ("image", lock_image, lock_image_unlocked_groups, lock_image_tower),
+            ("text", lock_text, lock_text_unlocked_groups, lock_text_tower),
+        ):
+            if locked:
+                lock(getattr(model, f"{tower}_tower"), unlocked_groups)
+            elif unlocked_groups:
+                raise ValueError(f"module.lock_{tower}_unlocked_groups is set but module.lock_{tower} is not; set both")
 
     def configure_model(self) -> None:
         if self.compile:
             # Compiles in place: parameter names, and so checkpoints, stay the same.
             self.model.compile()
+
+    def on_train_start(self) -> None:
+        # Locked parts are fixed feature extractors: no batch norm statistics updates, no dropout.
+        eval_frozen_modules(self.model)
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         images, tokens = batch
@@ -177,6 +200,11 @@ class CLIPModule(L.LightningModule):
         fused = o.fused and all(p.is_cuda for _, p in params)
         optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=fused or None)
         total = int(self.trainer.estimated_stepping_batches)
+        if o.warmup_steps >= total:
+            rank_zero_warn(
+                f"optim.warmup_steps ({o.warmup_steps}) is not smaller than the number of training steps ({total}): "
+                "the learning rate never reaches optim.lr and the cosine never starts"
+            )
         scheduler = CosineLRScheduler(
             optimizer,
             t_initial=max(total - o.warmup_steps, 1),

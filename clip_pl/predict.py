@@ -21,6 +21,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from clip_pl.api import load
+from clip_pl.errors import USER_ERRORS, report_user_error
 from clip_pl.evaluation import build_zero_shot_classifier, resolve_templates
 from clip_pl.model import CLIP
 from clip_pl.tokenizer import Tokenizer
@@ -107,9 +108,8 @@ def main(argv: list[str] | None = None) -> int:
         images = [_open_image(path) for path in args.images]
         model, preprocess, tokenizer = load(args.checkpoint, device=args.device)
         probabilities = predict(model, preprocess, tokenizer, images, labels, templates)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as e:
+        return report_user_error(e)
     top_k = min(args.top_k or len(labels), len(labels))
     if args.json:
         results = []

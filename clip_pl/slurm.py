@@ -86,12 +86,13 @@ class RequeueOnSignal(L.Callback):
     At the end of every optimizer step all ranks combine their flags with one all-reduce of a
     single number. When any rank was signalled, every rank calls ``trainer.save_checkpoint``
     (rank 0 writes, through the trainer's checkpoint IO, atomically with ``AtomicCheckpointIO``),
-    rank 0 runs ``scontrol requeue $SLURM_JOB_ID``, and the trainer stops. SLURM then terminates
-    this run (SIGTERM, SIGKILL after ``KillWait``), usually before ``fit`` returns, and starts the
-    same job again later; the same command finds ``checkpoint_path`` and resumes. The flag is only
-    read between training steps, so the signal must come early enough for one step, a validation
-    run and the checkpoint write. After ``fit`` the signal is ignored (unless a handler was set
-    before): arriving while the process finishes up, it would otherwise kill it.
+    rank 0 runs ``scontrol requeue`` for this job (for this task, in a job array), and the trainer
+    stops. SLURM then terminates this run (SIGTERM, SIGKILL after ``KillWait``), usually before
+    ``fit`` returns, and starts the same job again later; the same command finds
+    ``checkpoint_path`` and resumes. The flag is only read between training steps, so the signal
+    must come early enough for one step, a validation run and the checkpoint write. After ``fit``
+    the signal is ignored (unless a handler was set before): arriving while the process finishes
+    up, it would otherwise kill it.
 
     Args:
         checkpoint_path: Where to save; the path the restarted job resumes from.
@@ -173,7 +174,17 @@ class RequeueOnSignal(L.Callback):
         self.stopped_for_requeue = True
         trainer.should_stop = True
         if trainer.is_global_zero:
-            _requeue(os.environ["SLURM_JOB_ID"], self.checkpoint_path)
+            _requeue(_this_job(), self.checkpoint_path)
+
+
+def _this_job() -> str:
+    """This job's id for ``scontrol``: ``<array job>_<task>`` inside a job array.
+
+    A task's own ``SLURM_JOB_ID`` is no good there: one task's equals the array's id, and
+    ``scontrol requeue <array id>`` requeues every task of the array.
+    """
+    array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    return f"{array}_{task}" if array and task else os.environ["SLURM_JOB_ID"]
 
 
 def _requeue(job_id: str, checkpoint_path: str) -> None:

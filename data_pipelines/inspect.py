@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
+from clip_pl.errors import USER_ERRORS, report_user_error
 from data_pipelines.samples import (
     DEFAULT_MAX_IMAGE_PIXELS,
     IMAGE_EXTENSIONS,
@@ -200,9 +201,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.write_sizes:
             for path in write_sizes(report.counted):
                 print(f"wrote {path}")
-    except (ValueError, OSError) as exn:
-        print(f"error: {exn}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as exn:
+        return report_user_error(exn)
     return 0
 
 

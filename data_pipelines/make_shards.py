@@ -36,6 +36,7 @@ import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
+from clip_pl.errors import USER_ERRORS, report_user_error
 from data_pipelines.samples import IMAGE_EXTENSIONS, SkipSample, decode_image
 
 # Formats accepted as input; anything but IMAGE_EXTENSIONS is re-encoded as JPEG.
@@ -316,9 +317,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             processes=args.processes,
             overwrite=args.overwrite,
         )
-    except (ValueError, OSError, ImportError) as exn:
-        print(f"error: {exn}", file=sys.stderr)
-        return 2
+    except (*USER_ERRORS, ImportError) as exn:
+        return report_user_error(exn)
     failed = sum(summary.failures.values())
     detail = f" ({', '.join(f'{k}: {v}' for k, v in sorted(summary.failures.items()))})" if failed else ""
     print(f"wrote {summary.samples} samples in {summary.shards} shards: {summary.spec}; {failed} left out{detail}")

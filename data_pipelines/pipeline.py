@@ -42,6 +42,7 @@ import torch.distributed as dist
 from torch.utils.data import IterableDataset, get_worker_info
 
 from clip_pl.tokenizer import Tokenizer
+from clip_pl.transforms import ImageTransform
 from data_pipelines.counters import SkipCounters
 from data_pipelines.samples import (
     DEFAULT_MAX_IMAGE_PIXELS,
@@ -54,7 +55,6 @@ from data_pipelines.samples import (
     read_samples,
 )
 from data_pipelines.shards import ShardSource, describe_missing_sizes, parse_shard_spec, shard_sizes
-from clip_pl.transforms import ImageTransform
 
 MODES = ("resampled", "epoch")
 

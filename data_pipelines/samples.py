@@ -92,12 +92,17 @@ def image_bytes(sample: dict, image_keys: Sequence[str] = IMAGE_EXTENSIONS) -> b
     return None
 
 
-def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, min_size: int | None = None) -> Image.Image:
     """Decodes an encoded image into an RGB PIL image.
 
     Args:
         data: The encoded image (JPEG, PNG, WebP, ...).
         max_pixels: Larger images are rejected before their pixels are decoded.
+        min_size: When given, a JPEG at least twice this size on both sides is decoded at 1/2, 1/4
+            or 1/8 scale (libjpeg's DCT scaling, PIL's ``draft``): the largest reduction that keeps
+            both sides at least ``min_size`` pixels. Decoding fewer pixels is much cheaper than
+            decoding all and shrinking afterwards; other formats and smaller JPEGs are unaffected.
+            None (the default) always decodes at full size.
 
     Raises:
         SkipSample: ``too_large`` for a decompression bomb, ``bad_image`` when it cannot be decoded.
@@ -110,6 +115,9 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Ima
             width, height = image.size
             if width * height > max_pixels:
                 raise SkipSample("too_large", f"{width}x{height} pixels")
+            if min_size is not None and image.format == "JPEG":
+                # Mode "RGB" asks for scaling only: draft never converts an RGB/CMYK JPEG's mode then.
+                image.draft("RGB", (min_size, min_size))
             image.load()
             return to_rgb(image)
     except Image.DecompressionBombError as exn:

@@ -20,6 +20,7 @@ from itertools import islice
 
 from tqdm import tqdm
 
+from clip_pl.errors import USER_ERRORS, report_user_error
 from clip_pl.tokenizer import train_sentencepiece
 from data_pipelines.samples import CaptionKey, read_samples
 from data_pipelines.shards import parse_shard_spec
@@ -89,9 +90,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             character_coverage=args.character_coverage,
             lowercase=args.lowercase,
         )
-    except (ValueError, OSError, RuntimeError) as exn:
-        print(f"error: {exn}", file=sys.stderr)
-        return 2
+    except (*USER_ERRORS, RuntimeError) as exn:
+        return report_user_error(exn)
     print(f"wrote {args.output}: {args.model_type} tokenizer with {tokenizer.vocab_size} pieces ({read.n} captions)")
     return 0
 

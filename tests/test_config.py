@@ -32,6 +32,14 @@ def test_experiment_composes_and_model_builds(experiment):
         assert cfg.trainer.precision == "bf16-mixed"
 
 
+def test_demo_schedule_wins_over_group_defaults():
+    cfg = compose_train([])
+    assert (cfg.trainer.max_steps, cfg.optim.warmup_steps, cfg.optim.lr, cfg.data.batch_size) == (400, 50, 1e-3, 64)
+    # An experiment still overrides the data group's choices.
+    cfg = compose_train(["experiment=cc3m_rn50"])
+    assert (cfg.optim.warmup_steps, cfg.data.batch_size) == (10000, 128)
+
+
 def test_siglip_loss_adds_bias_to_model():
     cfg = compose_train(["loss=siglip"])
     assert cfg.loss._target_ == "clip_pl.loss.SigLipLoss"

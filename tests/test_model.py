@@ -138,3 +138,10 @@ def test_gradient_checkpointing_gives_same_gradients():
     for (name, a), b in zip(plain.named_parameters(), ckpt.parameters()):
         if a.grad is not None:
             assert torch.allclose(a.grad, b.grad, atol=1e-6), name
+
+
+def test_replacing_the_trunk_drops_the_presets_kwargs():
+    config = get_model_config("tiny", image={"name": "resnet18"})
+    assert config.image.model_kwargs == {}
+    assert get_model_config("tiny").image.model_kwargs["depth"] == 4
+    assert get_model_config("tiny", image={"name": "vit_small_patch16_224", "model_kwargs": {"depth": 2}}).image.model_kwargs == {"depth": 2}

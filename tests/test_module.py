@@ -122,3 +122,8 @@ def test_atomic_save_keeps_old_file_when_interrupted(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert torch.load(path) == {"step": 1}
     assert os.listdir(tmp_path) == ["last.ckpt"]
+
+
+def test_warmup_longer_than_training_is_warned_about(tokenizer, tmp_path):
+    with pytest.warns(UserWarning, match="optim.warmup_steps"):
+        _trainer(tmp_path, 5).fit(_module(tokenizer, warmup_steps=5), _loader())

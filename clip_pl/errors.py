@@ -1,0 +1,18 @@
+"""How command-line tools report a mistake the user can fix: one line on stderr, exit status 2.
+
+Errors a user can cause (a bad config value, a missing file, shards that do not match) are raised
+as ``ValueError`` or ``OSError`` with a message that says what to change; the tools catch exactly
+these and print that message instead of a traceback. Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError)
+
+
+def report_user_error(error: BaseException) -> int:
+    """Prints ``error: <message>`` to stderr and returns the exit status for it."""
+    print(f"error: {error}", file=sys.stderr)
+    return 2
