@@ -58,9 +58,7 @@ def test_last_groups_of_locked_image_tower_train(demo_overrides, tmp_path):  # n
 
 def test_locked_batch_norm_keeps_its_statistics(demo_overrides, tmp_path):  # noqa: F811
     # requires_grad=False alone would still update the running mean and variance in train mode.
-    changed, keys, _ = _train([*demo_overrides, "module.lock_image=true", "model.image.name=resnet10t",
-                               "~model.image.model_kwargs", "+model.image.model_kwargs={}"],
-                              tmp_path, [])
+    changed, keys, _ = _train([*demo_overrides, "module.lock_image=true", "model.image.name=resnet10t"], tmp_path, [])
     assert "image_tower.trunk.layer1.0.bn1.running_mean" in keys
     assert changed == {k for k in keys if not k.startswith("image_tower.trunk.")}
 

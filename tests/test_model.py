@@ -52,7 +52,7 @@ def test_all_named_configs_listed():
 
 @pytest.mark.parametrize("trunk", ["resnet18", "convnext_atto", "vit_small_patch16_224"])
 def test_any_timm_family(trunk):
-    model = create_model("tiny", image={"name": trunk, "image_size": 32, "model_kwargs": {}}).eval()
+    model = create_model("tiny", image={"name": trunk, "image_size": 32}).eval()
     with torch.no_grad():
         feats = model.encode_image(torch.randn(2, 3, 32, 32))
     assert feats.shape == (2, 64)
@@ -60,7 +60,7 @@ def test_any_timm_family(trunk):
 
 def test_unknown_timm_model_suggests_close_names():
     with pytest.raises(ValueError, match="resnet50"):
-        create_model("tiny", image={"name": "resnet5O", "model_kwargs": {}})
+        create_model("tiny", image={"name": "resnet5O"})
 
 
 def test_unknown_model_name_lists_choices():
@@ -78,7 +78,7 @@ def test_preprocess_config_follows_trunk():
     assert clip_vit.image_size == 64
     assert clip_vit.mean == pytest.approx((0.48145466, 0.4578275, 0.40821073))
     assert clip_vit.interpolation == "bicubic"
-    resnet = create_model("tiny", image={"name": "resnet18", "model_kwargs": {}}).preprocess_config
+    resnet = create_model("tiny", image={"name": "resnet18"}).preprocess_config
     assert resnet.mean == pytest.approx((0.485, 0.456, 0.406))
 
 
@@ -117,13 +117,13 @@ def test_config_dict_round_trip():
 
 
 def test_local_trunk_weights(tmp_path):
-    source = create_model("tiny", image={"name": "resnet18", "model_kwargs": {}, "image_size": 32})
+    source = create_model("tiny", image={"name": "resnet18", "image_size": 32})
     torch.save(source.image_tower.trunk.state_dict(), tmp_path / "trunk.pth")
-    loaded = create_model("tiny", image={"name": "resnet18", "model_kwargs": {}, "weights": str(tmp_path / "trunk.pth")})
+    loaded = create_model("tiny", image={"name": "resnet18", "weights": str(tmp_path / "trunk.pth")})
     for key, value in source.image_tower.trunk.state_dict().items():
         assert torch.equal(value, loaded.image_tower.trunk.state_dict()[key])
     with pytest.raises(ValueError, match="do not fit"):
-        create_model("tiny", image={"name": "resnet34", "model_kwargs": {}, "weights": str(tmp_path / "trunk.pth")})
+        create_model("tiny", image={"name": "resnet34", "weights": str(tmp_path / "trunk.pth")})
 
 
 def test_gradient_checkpointing_gives_same_gradients():
