@@ -279,7 +279,8 @@ def test_hydra_sweep_through_the_slurm_launcher_with_a_requeue_in_each_job(slurm
             for metrics in sweep.glob("*/csv/version_0/metrics.csv"):
                 run = metrics.parents[2]
                 num = yaml.safe_load((run / ".hydra" / "hydra.yaml").read_text())["hydra"]["job"]["num"]
-                array = next(sweep.glob(".submitit/*_*")).name.split("_")[0]
+                # submitit keeps one <array id>_<task> entry per job, next to hidden files of its own.
+                array = next(m[1] for p in sweep.glob(".submitit/*") if (m := re.fullmatch(r"(\d+)_\d+", p.name)))
                 task = f"{array}_{num}"
                 if task not in signalled and len(train_steps(metrics)) >= 5:
                     subprocess.run(["scancel", "--signal=USR1", task], env=slurm_env, check=True)
