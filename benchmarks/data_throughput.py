@@ -53,6 +53,7 @@ Commands::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import json
 import os
@@ -72,8 +73,8 @@ from clip_pl.tokenizer import Tokenizer, train_sentencepiece
 from clip_pl.transforms import interpolation_mode, to_rgb
 from data_pipelines.datamodule import ShardDataModule
 from data_pipelines.make_shards import Pair, write_shards
-from data_pipelines.pipeline import SampleDecoder, make_decoder
-from data_pipelines.samples import SkipSample, decode_image, image_bytes, read_samples
+from data_pipelines.pipeline import make_decoder
+from data_pipelines.samples import decode_image, read_samples
 
 PIPELINES = ("clip_pl", "openclip", "clip_pl:draft", "clip_pl:uint8")
 # OpenCLIP's sample shuffle is shuffle(5000, initial=1000); see "Shuffle buffers" above.
@@ -178,22 +179,6 @@ def ensure_dataset(
 # Pipelines
 
 
-@dataclass(frozen=True)
-class DraftDecoder(SampleDecoder):
-    """``SampleDecoder`` passing ``min_size`` to ``decode_image`` (the pipeline has no option for it yet)."""
-
-    min_size: int = 224
-
-    def __call__(self, sample: dict) -> tuple[torch.Tensor, str]:
-        data = image_bytes(sample, self.image_keys)
-        if data is None:
-            raise SkipSample("missing_image", sample.get("__key__", ""))
-        caption = self.caption_key.get(sample)
-        if caption is None:
-            raise SkipSample("missing_caption", sample.get("__key__", ""))
-        return self.transform(decode_image(data, self.max_image_pixels, self.min_size)), caption
-
-
 def clip_pl_loader(data: Dataset, variant: str, batch_size: int, workers: int, draft_size: int, seed: int):
     """clip_pl's train loader, with the decoder swapped for the draft and uint8 variants."""
     tokenizer = Tokenizer.from_file(data.tokenizer_path, context_length=77)
@@ -212,7 +197,7 @@ def clip_pl_loader(data: Dataset, variant: str, batch_size: int, workers: int, d
     )
     if variant == "clip_pl:draft":
         d = dm._train_decoder
-        dm._train_decoder = DraftDecoder(d.caption_key, d.transform, d.image_keys, d.max_image_pixels, draft_size)
+        dm._train_decoder = dataclasses.replace(d, min_size=draft_size)
     elif variant == "clip_pl:uint8":
         transform = v2.Compose(
             [

@@ -144,13 +144,26 @@ def load_towers(model: CLIP, path: str | os.PathLike, towers: Sequence[str] = TO
         weights = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
         if not weights:
             raise ValueError(f"{os.fspath(path)!r} has no {tower} weights (keys starting with {prefix!r})")
-        try:
-            getattr(model, tower).load_state_dict(weights)
-        except RuntimeError as e:
-            raise ValueError(
-                f"the {tower} of {os.fspath(path)!r} does not fit this model; build the model with the same "
-                f"{tower.split('_')[0]} config as that run. Details: {e}"
-            ) from None
+        load_tower(model, tower, weights, repr(os.fspath(path)))
+
+
+def load_tower(model: CLIP, tower: str, weights: dict[str, torch.Tensor], source: str) -> None:
+    """Loads ``weights`` into ``model.<tower>`` strictly; a mismatch says which config to change.
+
+    Args:
+        model: The model receiving the weights.
+        tower: ``"image_tower"`` or ``"text_tower"``.
+        weights: The tower's state dict, without the tower prefix.
+        source: Where the weights come from, for the error message.
+    """
+    try:
+        getattr(model, tower).load_state_dict(weights)
+    except RuntimeError as e:
+        part = tower.split("_")[0]
+        raise ValueError(
+            f"the {tower} of {source} does not fit this model; build the model with that run's {part} "
+            f"config (model=..., model.{part}.*). Details: {e}"
+        ) from None
 
 
 def main(argv: list[str] | None = None) -> int:

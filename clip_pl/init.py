@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import torch
 
 from clip_pl.checkpoint import CHECKPOINT_KEY, STATE_DICT_PREFIX, read_checkpoint
-from clip_pl.convert import TOWERS, load_openclip_image_tower, read_weights_file
+from clip_pl.convert import TOWERS, load_openclip_image_tower, load_tower, read_weights_file
 from clip_pl.export import is_safetensors_file, read_exported
 from clip_pl.model import CLIP
 from clip_pl.tokenizer import Tokenizer
@@ -46,16 +46,6 @@ def _pieces(tokenizer: Tokenizer) -> list[str]:
     return [tokenizer.sp.id_to_piece(i) for i in range(tokenizer.vocab_size)]
 
 
-def _load_tower(model: CLIP, tower: str, weights: dict[str, torch.Tensor], path: str) -> None:
-    try:
-        getattr(model, tower).load_state_dict(weights)
-    except RuntimeError as e:
-        raise ValueError(
-            f"the {tower} of init.from_checkpoint {path!r} does not fit this model; choose the model config "
-            f"of that run (model=..., model.{tower.split('_')[0]}.*). Details: {e}"
-        ) from None
-
-
 def _load_text_tower(
     model: CLIP,
     weights: dict[str, torch.Tensor],
@@ -74,7 +64,7 @@ def _load_text_tower(
             "set init.new_token_embedding=true to load the rest of the text tower with a new token embedding, "
             "or init.towers=[image_tower] to train the text tower from scratch"
         )
-    _load_tower(model, "text_tower", weights, path)
+    load_tower(model, "text_tower", weights, f"init.from_checkpoint {path!r}")
 
 
 def _load_from_checkpoint(
@@ -89,7 +79,7 @@ def _load_from_checkpoint(
             _load_text_tower(model, weights, tokenizer, theirs, new_token_embedding, path)
             loaded.append("text_tower (new token_embedding)" if new_token_embedding else "text_tower")
         else:
-            _load_tower(model, tower, weights, path)
+            load_tower(model, tower, weights, f"init.from_checkpoint {path!r}")
             loaded.append(tower)
     if set(towers) == set(TOWERS):
         with torch.no_grad():

@@ -164,6 +164,8 @@ class SampleDecoder:
     transform: ImageTransform
     image_keys: tuple[str, ...] = IMAGE_EXTENSIONS
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    # JPEG draft decoding down to about this side (see ``decode_image``); None decodes at full size.
+    min_size: int | None = None
 
     def __call__(self, sample: dict) -> tuple[torch.Tensor, str]:
         data = image_bytes(sample, self.image_keys)
@@ -172,7 +174,7 @@ class SampleDecoder:
         caption = self.caption_key.get(sample)
         if caption is None:
             raise SkipSample("missing_caption", sample.get("__key__", ""))
-        return self.transform(decode_image(data, self.max_image_pixels)), caption
+        return self.transform(decode_image(data, self.max_image_pixels, self.min_size)), caption
 
 
 class StreamPosition:
