@@ -64,8 +64,9 @@ def test_position_is_counted_outside_lightning_and_can_be_set(make_tiny_shards, 
 def test_changed_layout_warns_that_the_resume_is_approximate(make_tiny_shards, tiny_tokenizer):
     spec, _ = make_tiny_shards([8, 8])
     state = datamodule(spec, tiny_tokenizer, num_workers=2).state_dict()
-    with pytest.warns(UserWarning, match="num_workers 2 -> 1"):
+    with pytest.warns(UserWarning, match="num_workers 2 -> 1") as record:
         datamodule(spec, tiny_tokenizer, num_workers=1).load_state_dict({**state, "batches_done": 2})
+    assert any("resumes after 2 batches" in str(w.message) for w in record)
 
 
 class _Recorder(pl.LightningModule):

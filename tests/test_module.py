@@ -125,5 +125,8 @@ def test_atomic_save_keeps_old_file_when_interrupted(tmp_path, monkeypatch):
 
 
 def test_warmup_longer_than_training_is_warned_about(tokenizer, tmp_path):
+    recorder = _LRRecorder()
     with pytest.warns(UserWarning, match="optim.warmup_steps"):
-        _trainer(tmp_path, 5).fit(_module(tokenizer, warmup_steps=5), _loader())
+        _trainer(tmp_path, 5, [recorder]).fit(_module(tokenizer, warmup_steps=5), _loader())
+    # What the warning is about: every step of the run trains below the peak rate of 1e-3.
+    assert len(recorder.lrs) == 5 and max(lr[0] for lr in recorder.lrs) < 1e-3
