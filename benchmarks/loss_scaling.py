@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import time
 
@@ -21,6 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from clip_pl.distributed import free_port
 from clip_pl.loss import ClipLoss, SigLipLoss
 
 
@@ -63,11 +63,6 @@ def _rank_main(rank: int, world_size: int, port: int, args: argparse.Namespace, 
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -81,7 +76,7 @@ def main() -> None:
     rows = []
     for world_size in args.world_sizes:
         queue = ctx.Queue()
-        torch.multiprocessing.spawn(_rank_main, args=(world_size, _free_port(), args, queue), nprocs=world_size)
+        torch.multiprocessing.spawn(_rank_main, args=(world_size, free_port(), args, queue), nprocs=world_size)
         rows += [queue.get() for _ in range(2)]
 
     print(f"per-rank batch B={args.batch}, dim={args.dim}, CPU gloo, {os.cpu_count()} cores")

@@ -6,8 +6,17 @@ code runs on one CPU process, on gloo and on NCCL.
 
 from __future__ import annotations
 
+import socket
+
 import torch
 import torch.distributed as dist
+
+
+def free_port() -> int:
+    """A TCP port free on this machine, for ``MASTER_PORT`` of a single-node process group."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def rank_and_world_size() -> tuple[int, int]:

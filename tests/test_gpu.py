@@ -1,11 +1,11 @@
 """CUDA-only paths: bf16 training and the NCCL backward of the feature gather. Skipped without GPUs."""
 
 import os
-import socket
 
 import pytest
 import torch
 
+from clip_pl.distributed import free_port
 from clip_pl.loss import ClipLoss
 from clip_pl.model import create_model
 
@@ -48,10 +48,7 @@ def _nccl_rank(rank, world_size, port, out):
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
 def test_nccl_gather_backward_sums_over_ranks(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    torch.multiprocessing.spawn(_nccl_rank, args=(2, port, str(tmp_path / "r.pt")), nprocs=2)
+    torch.multiprocessing.spawn(_nccl_rank, args=(2, free_port(), str(tmp_path / "r.pt")), nprocs=2)
     result = torch.load(tmp_path / "r.pt")
     assert result["gathered"][:2].eq(1).all() and result["gathered"][2:].eq(2).all()
     assert result["grad"].eq(1 + 2).all()

@@ -2,12 +2,12 @@
 
 import math
 import os
-import socket
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from clip_pl.distributed import free_port
 from clip_pl.loss import ClipLoss, SigLipLoss
 from clip_pl.model import create_model
 
@@ -107,15 +107,10 @@ def _rank_main(rank, world_size, port, out_dir):
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_ddp_gradients_equal_single_process_global_batch(world_size, tmp_path):
-    torch.multiprocessing.spawn(_rank_main, args=(world_size, _free_port(), str(tmp_path)), nprocs=world_size)
+    torch.multiprocessing.spawn(_rank_main, args=(world_size, free_port(), str(tmp_path)), nprocs=world_size)
     for loss_name in LOSSES:
         model, images, tokens = _build(loss_name)
         expected_loss = _step(model, loss_name, images, tokens)

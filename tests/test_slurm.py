@@ -12,7 +12,6 @@ import csv
 import fcntl
 import os
 import re
-import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -21,6 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+
+from clip_pl.distributed import free_port
 
 pytestmark = pytest.mark.slurm
 
@@ -94,11 +95,6 @@ def slurm_env() -> Iterator[dict[str, str]]:
         subprocess.run([CLUSTER, "stop"], env=env, capture_output=True, timeout=120)
     lock.close()
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def sbatch(env: dict[str, str], out_dir: Path, name: str, *overrides: str, nodes: list[str] = NODES) -> str:
