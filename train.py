@@ -52,8 +52,6 @@ def build(cfg: DictConfig, run_dir: str) -> tuple[L.LightningModule, L.Lightning
     datamodule = instantiate(cfg.data, _partial_=True)(
         tokenizer=tokenizer,
         image_size=preprocess.image_size,
-        mean=preprocess.mean,
-        std=preprocess.std,
         interpolation=preprocess.interpolation,
     )
     module = instantiate(cfg.module, _partial_=True, _convert_="all")(

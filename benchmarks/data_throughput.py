@@ -9,7 +9,8 @@ quality 90, so decoding costs what a photo of that size costs) with captions of 
 Pipelines:
 
 * ``clip_pl``: ``ShardDataModule(mode="resampled").train_dataloader()`` as it is, except for the
-  shuffle buffer (see below); sentencepiece tokenizer trained on the captions, context 77.
+  shuffle buffer (see below); sentencepiece tokenizer trained on the captions, context 77; its
+  batches are uint8 (normalization happens on the device, outside this benchmark).
 * ``openclip``: OpenCLIP's training package (``open_clip_train``) is not installed and pins an old
   webdataset, so its WebDataset pipeline is rebuilt here stage by stage as its ``get_wds_dataset``
   lays it out for ``--dataset-resampled``: resampled shard URLs, tar to samples, ``shuffle(5000,
@@ -18,11 +19,13 @@ Pipelines:
   ``to_tuple``, ``batched``, in a ``WebLoader``. ``preprocess_train`` and the tokenizer are
   open_clip's own (``open_clip.image_transform(224, is_train=True)``, the BPE tokenizer of
   ``open_clip.get_tokenizer("ViT-B-32")``).
-* ``clip_pl:draft``: clip_pl's loader whose decoder asks ``decode_image`` for JPEG draft decoding
-  (``min_size`` = ``--draft-size``, default the 224 px target). ``ShardDataModule`` has no option
-  for it yet, so the benchmark swaps the module's train decoder.
-* ``clip_pl:uint8``: clip_pl's loader whose transform stops at uint8 pixels (crop, no float
-  conversion or normalization), i.e. normalization moved to the GPU.
+* ``clip_pl:no_draft``: the same with ``draft_decode=False``.
+* ``clip_pl:before``: clip_pl's input path before issue #7's work, kept here for the comparison:
+  PIL decode, PIL crop-resize, float conversion and normalization in the workers, float batches.
+
+clip_pl's path today: ``decode_pixels`` (torchvision's JPEG decoder, or PIL draft decoding for
+JPEGs at least twice the needed size), crop-resize on uint8 tensors, uint8 batches (normalized on
+the device by ``CLIPModule``).
 
 Shuffle buffers: both shuffles hold raw (undecoded) samples, so their size does not change the work
 per sample, but it changes *when* tar reading happens. clip_pl's blockwise shuffle reads a whole
@@ -33,9 +36,11 @@ twice. Neither is the steady state of a long run, where each sample is read once
 therefore uses ``shuffle_buffer=batch_size`` for clip_pl and ``shuffle(1000, initial=1000)`` for
 OpenCLIP: after the warm-up batches both read exactly one raw sample per sample yielded.
 
-Limits, single process: ``decode-only`` is ``Image.open(...).convert("RGB")`` of the same JPEG bytes
-held in memory; ``decode-only:draft`` the same with draft decoding. An input path cannot beat the
-decode-only rate per worker; the target is to stay within 2x of it.
+Limits, single process, over the same JPEG bytes held in memory: ``decode-only:pil`` is
+``Image.open(...).convert("RGB")``, ``decode-only`` is ``decode_pixels`` without draft (the fastest
+full decode here, torchvision's), ``decode-only:draft`` is ``decode_pixels`` with the draft size
+clip_pl's training crop asks for. An input path cannot beat the decode-only rate per worker; the
+target is to stay within 2x of it.
 
 Every pipeline is timed in windows that alternate between pipelines (A B C, then C B A, ...) for
 each worker count; each window starts fresh loader workers, discards ``--warmup`` batches, then
@@ -45,7 +50,7 @@ Commands::
 
     python benchmarks/data_throughput.py --workers 0 1 2 --rounds 5 --batches 15
     # larger images (448-640 px), where draft decoding applies to every image
-    python benchmarks/data_throughput.py --min-side 448 --max-side 640 --pipelines clip_pl openclip clip_pl:draft
+    python benchmarks/data_throughput.py --min-side 448 --max-side 640
     # milliseconds per sample of each step (decode, crop, to tensor, normalize, tokenize, stack), one process
     python benchmarks/data_throughput.py --stages
 """
@@ -73,10 +78,10 @@ from clip_pl.tokenizer import Tokenizer, train_sentencepiece
 from clip_pl.transforms import interpolation_mode, to_rgb
 from data_pipelines.datamodule import ShardDataModule
 from data_pipelines.make_shards import Pair, write_shards
-from data_pipelines.pipeline import make_decoder
-from data_pipelines.samples import decode_image, read_samples
+from data_pipelines.pipeline import SampleDecoder
+from data_pipelines.samples import CaptionKey, decode_image, decode_pixels, image_bytes, read_samples
 
-PIPELINES = ("clip_pl", "openclip", "clip_pl:draft", "clip_pl:uint8")
+PIPELINES = ("clip_pl", "openclip", "clip_pl:no_draft", "clip_pl:before")
 # OpenCLIP's sample shuffle is shuffle(5000, initial=1000); see "Shuffle buffers" above.
 OPENCLIP_SHUFFLE = 1000
 DEFAULT_CACHE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".cache", "bench_shards")
@@ -179,8 +184,28 @@ def ensure_dataset(
 # Pipelines
 
 
-def clip_pl_loader(data: Dataset, variant: str, batch_size: int, workers: int, draft_size: int, seed: int):
-    """clip_pl's train loader, with the decoder swapped for the draft and uint8 variants."""
+@dataclasses.dataclass(frozen=True)
+class _BeforeDecoder(SampleDecoder):
+    """clip_pl's decoder before issue #7: PIL decode into a PIL-based float transform."""
+
+    def __call__(self, sample: dict) -> tuple[torch.Tensor, str]:
+        return self.transform(decode_image(image_bytes(sample), self.max_image_pixels)), self.caption_key.get(sample)
+
+
+def _before_transform() -> v2.Compose:
+    return v2.Compose(
+        [
+            to_rgb,
+            v2.RandomResizedCrop(224, scale=(0.9, 1.0), interpolation=interpolation_mode("bicubic")),
+            v2.PILToTensor(),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize([0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]),
+        ]
+    )
+
+
+def clip_pl_loader(data: Dataset, variant: str, batch_size: int, workers: int, seed: int):
+    """clip_pl's train loader (``no_draft``: without draft decoding; ``before``: the old decoder)."""
     tokenizer = Tokenizer.from_file(data.tokenizer_path, context_length=77)
     dm = ShardDataModule(
         data.spec,
@@ -194,19 +219,10 @@ def clip_pl_loader(data: Dataset, variant: str, batch_size: int, workers: int, d
         seed=seed,
         image_size=224,
         pin_memory=False,
+        draft_decode=variant != "clip_pl:no_draft",
     )
-    if variant == "clip_pl:draft":
-        d = dm._train_decoder
-        dm._train_decoder = dataclasses.replace(d, min_size=draft_size)
-    elif variant == "clip_pl:uint8":
-        transform = v2.Compose(
-            [
-                to_rgb,
-                v2.RandomResizedCrop(224, scale=(0.9, 1.0), interpolation=interpolation_mode("bicubic")),
-                v2.PILToTensor(),
-            ]
-        )
-        dm._train_decoder = make_decoder("txt", transform)
+    if variant == "clip_pl:before":
+        dm._train_decoder = _BeforeDecoder(CaptionKey.parse("txt"), _before_transform())
     return dm.train_dataloader()
 
 
@@ -250,10 +266,10 @@ def openclip_loader(data: Dataset, batch_size: int, workers: int, seed: int):
     return wds.WebLoader(pipeline, batch_size=None, shuffle=False, num_workers=workers, persistent_workers=workers > 0)
 
 
-def make_loader(variant: str, data: Dataset, batch_size: int, workers: int, draft_size: int, seed: int):
+def make_loader(variant: str, data: Dataset, batch_size: int, workers: int, seed: int):
     if variant == "openclip":
         return openclip_loader(data, batch_size, workers, seed)
-    return clip_pl_loader(data, variant, batch_size, workers, draft_size, seed)
+    return clip_pl_loader(data, variant, batch_size, workers, seed)
 
 
 def time_window(make: Callable[[], object], warmup: int, batches: int) -> float:
@@ -286,31 +302,26 @@ def jpeg_bytes(data: Dataset, limit: int) -> list[bytes]:
     return out
 
 
-def decode_rate(images: list[bytes], draft_size: int | None) -> float:
-    """Single-process images/s of PIL open + (draft) + convert("RGB")."""
+def decode_rate(images: list[bytes], kind: str, draft_size: int) -> float:
+    """Single-process images/s of one decoder (see "Limits" above)."""
     start = time.perf_counter()
     for data in images:
-        image = Image.open(io.BytesIO(data))
-        if draft_size:
-            image.draft("RGB", (draft_size, draft_size))
-        image.convert("RGB")
+        if kind == "decode-only:pil":
+            Image.open(io.BytesIO(data)).convert("RGB")
+        else:
+            decode_pixels(data, min_size=draft_size if kind == "decode-only:draft" else None)
     return len(images) / (time.perf_counter() - start)
 
 
-def stage_costs(data: Dataset, images: list[bytes], batch_size: int, rounds: int) -> dict[str, float]:
-    """Median milliseconds per sample of each step of clip_pl's path, run in this process."""
-    from clip_pl.model import PreprocessConfig
-    from clip_pl.transforms import image_transform
+DECODERS = ("decode-only", "decode-only:pil", "decode-only:draft")
 
+
+def stage_costs(data: Dataset, images: list[bytes], batch_size: int, rounds: int, draft_size: int) -> dict[str, float]:
+    """Median milliseconds per sample of each step of clip_pl's path, and of the path before, in this process."""
     tokenizer = Tokenizer.from_file(data.tokenizer_path, context_length=77)
     captions = [_caption(random.Random(i)) for i in range(len(images))]
-    train = image_transform(PreprocessConfig(224, (0.5,) * 3, (0.25,) * 3, "bicubic"), train=True)
-    crop, to_tensor, to_float, normalize = (
-        train.transforms[1],
-        train.transforms[2],
-        train.transforms[3],
-        train.transforms[4],
-    )
+    crop = v2.RandomResizedCrop(224, scale=(0.9, 1.0), interpolation=interpolation_mode("bicubic"))
+    before = _before_transform().transforms
     import open_clip
 
     openclip_image = open_clip.image_transform(224, is_train=True)
@@ -325,15 +336,17 @@ def stage_costs(data: Dataset, images: list[bytes], batch_size: int, rounds: int
 
     batches = [slice(i, i + batch_size) for i in range(0, len(images), batch_size)]
     for _ in range(rounds):
-        decoded = timed("decode (decode_image)", decode_image, images)
-        timed(f"decode, draft to >= {224}", lambda b: decode_image(b, min_size=224), images)
-        crops = timed("RandomResizedCrop 224 bicubic (PIL)", crop, decoded)
-        tensors = timed("PILToTensor", to_tensor, crops)
-        floats = timed("ToDtype float32", to_float, tensors)
-        normed = timed("Normalize", normalize, floats)
+        pixels = timed("now: decode_pixels", decode_pixels, images)
+        timed(f"now: decode_pixels, draft to >= {draft_size}", lambda b: decode_pixels(b, min_size=draft_size), images)
+        crops = timed("now: RandomResizedCrop 224 bicubic (uint8 tensor)", crop, pixels)
+        timed("now: torch.stack uint8 batch", lambda s: torch.stack(crops[s]), batches)
         timed("tokenize (per batch)", lambda s: tokenizer(captions[s]), batches)
-        timed("torch.stack float batch", lambda s: torch.stack(normed[s]), batches)
-        timed("torch.stack uint8 batch", lambda s: torch.stack(tensors[s]), batches)
+        decoded = timed("before: decode_image (PIL)", decode_image, images)
+        pil_crops = timed("before: RandomResizedCrop 224 bicubic (PIL)", before[1], decoded)
+        tensors = timed("before: PILToTensor", before[2], pil_crops)
+        floats = timed("before: ToDtype float32", before[3], tensors)
+        normed = timed("before: Normalize", before[4], floats)
+        timed("before: torch.stack float batch", lambda s: torch.stack(normed[s]), batches)
         # OpenCLIP's counterparts, for comparison.
         timed("open_clip preprocess_train (all 4 steps)", openclip_image, decoded)
         timed("open_clip tokenizer (per sample)", openclip_text, captions)
@@ -355,7 +368,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches", type=int, default=10, help="timed batches per window")
     parser.add_argument("--warmup", type=int, help="batches discarded per window (default: 1 + 2 x workers)")
     parser.add_argument("--rounds", type=int, default=3, help="windows per pipeline and worker count")
-    parser.add_argument("--draft-size", type=int, default=224, help="min_size for draft decoding")
+    parser.add_argument(
+        "--draft-size", type=int, default=273, help="min_size of decode-only:draft (273: what the 224 px crop asks for)"
+    )
     parser.add_argument("--decode-images", type=int, default=300, help="images in each decode-only window")
     parser.add_argument("--stages", action="store_true", help="only time each step of clip_pl's path in one process")
     parser.add_argument("--seed", type=int, default=0)
@@ -380,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     if args.stages:
-        costs = stage_costs(data, images, args.batch_size, args.rounds)
+        costs = stage_costs(data, images, args.batch_size, args.rounds, args.draft_size)
         print("milliseconds per sample, one process, median of", args.rounds, "rounds:")
         for name, ms in costs.items():
             print(f"  {name:42s} {ms:7.2f}")
@@ -388,21 +403,21 @@ def main(argv: list[str] | None = None) -> int:
 
     # Each round times every pipeline once, then the decode-only limits, the order reversed every other round.
     rates: dict[tuple[str, int], list[float]] = {}
-    decode: dict[str, list[float]] = {"decode-only": [], "decode-only:draft": []}
+    decode: dict[str, list[float]] = {k: [] for k in DECODERS}
     for workers in args.workers:
         warmup = args.warmup if args.warmup is not None else 1 + 2 * workers
         for r in range(args.rounds):
             order = args.pipelines if r % 2 == 0 else list(reversed(args.pipelines))
             for variant in order:
                 rate = time_window(
-                    lambda: make_loader(variant, data, args.batch_size, workers, args.draft_size, args.seed + r),
+                    lambda: make_loader(variant, data, args.batch_size, workers, args.seed + r),
                     warmup,
                     args.batches,
                 )
                 rates.setdefault((variant, workers), []).append(rate)
                 print(f"  workers={workers} round={r} {variant:14s} {rate:7.1f} samples/s", flush=True)
-            for size in (None, args.draft_size) if r % 2 == 0 else (args.draft_size, None):
-                decode["decode-only:draft" if size else "decode-only"].append(decode_rate(images, size))
+            for kind in DECODERS if r % 2 == 0 else reversed(DECODERS):
+                decode[kind].append(decode_rate(images, kind, args.draft_size))
     decode_median = {k: statistics.median(v) for k, v in decode.items()}
 
     reference = "openclip" if "openclip" in args.pipelines else args.pipelines[0]

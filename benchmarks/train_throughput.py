@@ -15,13 +15,20 @@ C B A, ...), so a load change on a shared machine hits all of them alike; compar
 the absolute numbers. A variant is ``FRAMEWORK[:OPT+OPT...]`` with FRAMEWORK ``clip_pl`` or
 ``openclip`` and options:
 
-* ``fused`` / ``foreach`` / ``loop``: AdamW implementation. Defaults: clip_pl uses the fused kernel
-  on CUDA as ``CLIPModule.configure_optimizers`` does, OpenCLIP uses torch's default (foreach on
-  CUDA, the per-tensor loop on CPU).
-* ``compile``: ``model.compile()`` in place (what ``CLIPModule(compile=True)`` does).
-* ``channels_last``: model and images in channels-last memory format (conv trunks).
-* ``uint8``: the host batch is uint8 pixels; they are copied to the device and normalized there
-  (4x less host-to-device traffic than float32, no normalization in the loader workers).
+The ``clip_pl`` variant runs clip_pl's own training path, as ``CLIPModule`` does under a Trainer:
+uint8 host batch copied to the device and normalized there (``CLIPModule.on_after_batch_transfer``),
+channels-last for conv towers, ``forward_in_pieces``, ``build_optimizer`` (fused AdamW).
+``openclip`` gets a float batch normalized on the host, as its data pipeline delivers.
+
+* ``fused`` / ``foreach`` / ``loop``: AdamW implementation instead of the default (clip_pl: fused;
+  OpenCLIP: torch's default, foreach on CUDA, the per-tensor loop on CPU).
+* ``compile``: ``model.compile()`` in place (``CLIPModule(compile=True)`` for clip_pl).
+* ``channels_last``: model and images in channels-last memory format (OpenCLIP; clip_pl does it by
+  itself for conv towers).
+* ``patch_dropout``: drop ``--patch-dropout`` of the image patches in training (FLIP), both frameworks.
+* ``micro_batch``: clip_pl encodes the batch in pieces of ``--micro-batch-size`` with activation
+  checkpointing (``CLIPModule(micro_batch_size=...)``): the memory of a smaller batch, the loss of the
+  whole one.
 
 Each step copies the host batch to the device (pinned memory on CUDA), then zero_grad, forward
 and loss under autocast (``--precision bf16``), backward, optimizer step, as both trainers do.
@@ -69,10 +76,10 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 
 from clip_pl.loss import ClipLoss
 from clip_pl.model import CLIP, create_model, list_models
-from clip_pl.module import OptimizerConfig, _no_weight_decay
+from clip_pl.module import CLIPModule, OptimizerConfig, build_optimizer, forward_in_pieces
 
 FRAMEWORKS = ("clip_pl", "openclip")
-OPTIONS = ("fused", "foreach", "loop", "compile", "channels_last", "uint8")
+OPTIONS = ("fused", "foreach", "loop", "compile", "channels_last", "patch_dropout", "micro_batch")
 H100_BF16_DENSE_TFLOPS = 989.0
 
 # Token ids of the synthetic captions (clip_pl's tokenizer layout: pad 0, bos 2, eos 3).
@@ -133,7 +140,7 @@ def openclip_config(model: CLIP) -> tuple[dict, bool]:
     return {"embed_dim": config.embed_dim, "vision_cfg": vision, "text_cfg": text}, quick_gelu
 
 
-def create_openclip(model: CLIP) -> nn.Module:
+def create_openclip(model: CLIP, patch_dropout: float = 0.0) -> nn.Module:
     """An OpenCLIP model with random weights built through ``open_clip.create_model``."""
     import logging
 
@@ -141,7 +148,9 @@ def create_openclip(model: CLIP) -> nn.Module:
     from open_clip import factory
 
     cfg, quick_gelu = openclip_config(model)
-    name = f"clip_pl-bench-{id(model)}"
+    if patch_dropout:
+        cfg["vision_cfg"]["patch_dropout"] = patch_dropout
+    name = f"clip_pl-bench-{id(model)}-{patch_dropout}"
     factory._MODEL_CONFIGS[name] = cfg
     # open_clip logs a warning that no pretrained weights were loaded, which is the intent here.
     logging.getLogger().setLevel(logging.ERROR)
@@ -150,17 +159,6 @@ def create_openclip(model: CLIP) -> nn.Module:
 
 def n_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
-def clip_pl_param_groups(model: nn.Module) -> list[dict]:
-    """clip_pl's decay groups (``CLIPModule.configure_optimizers``)."""
-    skip = _no_weight_decay(model)
-    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    wd = OptimizerConfig().weight_decay
-    return [
-        {"params": [p for n, p in params if n not in skip], "weight_decay": wd},
-        {"params": [p for n, p in params if n in skip], "weight_decay": 0.0},
-    ]
 
 
 def openclip_param_groups(model: nn.Module) -> list[dict]:
@@ -182,13 +180,11 @@ def openclip_param_groups(model: nn.Module) -> list[dict]:
 
 @dataclass
 class Batch:
-    """The synthetic batch on the host (pinned on CUDA), float and uint8 versions."""
+    """The synthetic batch on the host (pinned on CUDA): uint8 pixels and their normalized floats."""
 
     images: torch.Tensor
     images_u8: torch.Tensor
     tokens: torch.Tensor
-    mean255: torch.Tensor
-    std255: torch.Tensor
 
 
 def make_batch(batch_size: int, image_size: int, context_length: int, vocab_size: int, pin: bool) -> Batch:
@@ -206,7 +202,7 @@ def make_batch(batch_size: int, image_size: int, context_length: int, vocab_size
         tokens[row, length + 1] = EOS_ID
     if pin:
         images, images_u8, tokens = images.pin_memory(), images_u8.pin_memory(), tokens.pin_memory()
-    return Batch(images, images_u8, tokens, mean * 255, std * 255)
+    return Batch(images, images_u8, tokens)
 
 
 @dataclass
@@ -219,6 +215,7 @@ class Runner:
     model: nn.Module
     loss: nn.Module
     optimizer: torch.optim.Optimizer
+    module: CLIPModule | None
     device: torch.device
     autocast: bool
     rates: list[float] = field(default_factory=list)
@@ -229,20 +226,19 @@ class Runner:
 
     def inputs(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         tokens = batch.tokens.to(self.device, non_blocking=True)
-        if "uint8" in self.options:
+        if self.module is not None:
             images = batch.images_u8.to(self.device, non_blocking=True)
-            mean, std = batch.mean255.to(self.device), batch.std255.to(self.device)
-            images = images.float().sub_(mean).div_(std)
-        else:
-            images = batch.images.to(self.device, non_blocking=True)
+            return self.module.on_after_batch_transfer((images, tokens), 0)
+        images = batch.images.to(self.device, non_blocking=True)
         if "channels_last" in self.options:
             images = images.contiguous(memory_format=torch.channels_last)
         return images, tokens
 
     def forward_loss(self, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            if self.framework == "clip_pl":
-                return self.loss(*self.model(images, tokens))
+            if self.module is not None:
+                m = self.module
+                return m.loss(*forward_in_pieces(m.model, images, tokens, m.micro_batch_size))
             image_features, text_features, logit_scale = self.model(images, tokens)
             return self.loss(image_features, text_features, logit_scale)
 
@@ -280,6 +276,10 @@ class Runner:
             self.phases[key].append(seconds)
 
 
+def flops_key(runner: Runner) -> str:
+    return runner.framework + (":patch_dropout" if "patch_dropout" in runner.options else "")
+
+
 def parse_variant(text: str) -> tuple[str, frozenset[str]]:
     framework, _, opts = text.partition(":")
     if framework not in FRAMEWORKS:
@@ -293,34 +293,65 @@ def parse_variant(text: str) -> tuple[str, frozenset[str]]:
     return framework, options
 
 
-def build_runner(text: str, base: dict[str, nn.Module], device: torch.device, autocast: bool) -> Runner:
-    framework, options = parse_variant(text)
-    model = copy.deepcopy(base[framework]).to(device).train()
-    if "channels_last" in options:
-        model = model.to(memory_format=torch.channels_last)
-    o = OptimizerConfig()
-    if "fused" in options:
-        impl = {"fused": True}
-    elif "foreach" in options:
-        impl = {"foreach": True}
-    elif "loop" in options:
-        impl = {"foreach": False}
-    elif framework == "clip_pl" and device.type == "cuda" and o.fused:
-        impl = {"fused": True}  # CLIPModule.configure_optimizers: fused when every parameter is on CUDA
-    else:
-        impl = {}
-    groups = clip_pl_param_groups(model) if framework == "clip_pl" else openclip_param_groups(model)
-    optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, **impl)
+class _Vocabulary:
+    """Stands in for the tokenizer, which ``CLIPModule`` only checks and stores in checkpoints."""
+
+    def __init__(self, vocab_size: int):
+        self.vocab_size = vocab_size
+
+
+def variant_model(framework: str, options: frozenset[str], base: dict[str, nn.Module], patch_dropout: float):
+    """A copy of the framework's base model, rebuilt with patch dropout when the variant asks for it."""
+    if "patch_dropout" not in options:
+        return copy.deepcopy(base[framework])
     if framework == "clip_pl":
-        loss: nn.Module = ClipLoss()
+        config = copy.deepcopy(base["clip_pl"].config)
+        config.image.patch_dropout = patch_dropout
+        model = CLIP(config)
     else:
+        model = create_openclip(base["clip_pl"], patch_dropout)
+    model.load_state_dict(base[framework].state_dict())
+    return model
+
+
+def build_runner(
+    text: str, base: dict[str, nn.Module], device: torch.device, autocast: bool, args: argparse.Namespace
+) -> Runner:
+    framework, options = parse_variant(text)
+    model = variant_model(framework, options, base, args.patch_dropout).to(device).train()
+    module = None
+    if framework == "clip_pl":
+        module = CLIPModule(
+            model,
+            _Vocabulary(model.config.text.vocab_size),
+            ClipLoss(),
+            compile="compile" in options,
+            channels_last=True if "channels_last" in options else None,
+            micro_batch_size=args.micro_batch_size if "micro_batch" in options else None,
+        ).to(device)
+        module.configure_model()  # channels-last and compile, as under the Trainer
+        optimizer = build_optimizer(
+            model, OptimizerConfig(fused="fused" in options or not options & {"foreach", "loop"})
+        )
+        loss: nn.Module = module.loss
+    else:
+        if "channels_last" in options:
+            model = model.to(memory_format=torch.channels_last)
+        groups = openclip_param_groups(model)
+        o = OptimizerConfig()
+        optimizer = torch.optim.AdamW(
+            groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=("fused" in options) or None
+        )
         import open_clip
 
         # As open_clip_train's create_loss builds it for one process.
         loss = open_clip.ClipLoss(local_loss=False, gather_with_grad=False, cache_labels=True, rank=0, world_size=1)
-    if "compile" in options:
-        model.compile()
-    return Runner(text, framework, options, model, loss, optimizer, device, autocast)
+        if "compile" in options:
+            model.compile()
+    for group in optimizer.param_groups:
+        if options & {"foreach", "loop"}:
+            group["foreach"] = "foreach" in options
+    return Runner(text, framework, options, model, loss, optimizer, module, device, autocast)
 
 
 # --------------------------------------------------------------------------------------------
@@ -439,6 +470,10 @@ def main(argv: list[str] | None = None) -> int:
         "--peak-tflops", type=float, help="device peak for MFU (default: 989, H100 bf16 dense, on CUDA)"
     )
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
+    parser.add_argument(
+        "--patch-dropout", type=float, default=0.5, help="fraction of patches the patch_dropout option drops"
+    )
+    parser.add_argument("--micro-batch-size", type=int, default=64, help="piece size of the micro_batch option")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="also write the results to this JSON file")
     parser.add_argument(
@@ -492,16 +527,18 @@ def main(argv: list[str] | None = None) -> int:
         print("WARNING: parameter counts differ by more than 3%: the configs are not equivalent", file=sys.stderr)
 
     autocast = args.precision == "bf16"
-    runners = [build_runner(v, base, device, autocast) for v in args.variants]
+    runners = [build_runner(v, base, device, autocast, args) for v in args.variants]
 
     # FLOPs and saved activations per framework, on eager models (compilation changes neither the math
     # nor, much, what must be kept; the hooks do not see inside compiled graphs).
+    # Patch dropout changes the model's FLOPs, so it is counted separately.
     per_framework: dict[str, dict] = {}
-    for framework in FRAMEWORKS:
-        if not any(r.framework == framework for r in runners):
+    for r in runners:
+        key = flops_key(r)
+        if key in per_framework:
             continue
-        probe = build_runner(framework, base, device, autocast)
-        per_framework[framework] = {
+        probe = build_runner(key, base, device, autocast, args)
+        per_framework[key] = {
             "flops_per_sample": flops_per_sample(probe, batch),
             "saved_bytes": saved_activation_bytes(probe, batch),
         }
@@ -538,7 +575,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in runners:
         ratio = statistics.median(a / b for a, b in zip(r.rates, reference.rates))
         rate = statistics.median(r.rates)
-        flops = per_framework[r.framework]["flops_per_sample"]
+        flops = per_framework[flops_key(r)]["flops_per_sample"]
         mfu = flops * rate / (peak_tflops * 1e12) if peak_tflops else None
         peak = statistics.median(r.peak_bytes) / 2**20 if r.peak_bytes else None
         print(
@@ -561,7 +598,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     for framework, info in per_framework.items():
         print(
-            f"{framework:9s} FLOPs/sample (fwd+bwd) {info['flops_per_sample'] / 1e9:8.3f} GFLOP   "
+            f"{framework:22s} FLOPs/sample (fwd+bwd) {info['flops_per_sample'] / 1e9:8.3f} GFLOP   "
             f"autograd-saved activations {info['saved_bytes'] / 2**20:8.1f} MiB per step"
         )
     if cuda:

@@ -20,6 +20,11 @@ class TrainingSpeedMonitor(L.Callback):
     batch to the start of the next, when the loader is being drained. Both are averaged over the
     last ``window`` steps so a single slow step does not dominate the curve.
 
+    The values go straight to the loggers at the trainer's logging steps (every
+    ``log_every_n_steps``), as Python floats. Through ``LightningModule.log`` every step, each float
+    would first be copied to the GPU, and that copy waits for the GPU to finish its queued work: a
+    synchronization per step that keeps the CPU from preparing the next step while the GPU runs.
+
     Args:
         window: Number of steps per rolling average.
     """
@@ -34,25 +39,30 @@ class TrainingSpeedMonitor(L.Callback):
         self._steps: deque[float] = deque(maxlen=self.window)
         self._waits: deque[float] = deque(maxlen=self.window)
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         now = time.perf_counter()
         if self._last_end is not None:
             self._waits.append(now - self._last_end)
         if self._last_start is not None:
             self._steps.append(now - self._last_start)
         self._last_start = now
-        if self._steps:
-            per_device = len(batch[0]) * len(self._steps) / sum(self._steps)
-            pl_module.log_dict(
-                {
-                    "train/samples_per_sec": per_device * trainer.world_size,
-                    "train/samples_per_sec_per_device": per_device,
-                    "train/data_wait_ms": 1000 * sum(self._waits) / len(self._waits),
-                    "train/data_wait_fraction": sum(self._waits) / sum(self._steps),
-                },
-                on_step=True,
-                on_epoch=False,
-            )
+        # global_step counts the steps done; Lightning logs after step n where n % log_every_n_steps == 0.
+        if not (
+            self._steps and self._waits and trainer.loggers and trainer.global_step % trainer.log_every_n_steps == 0
+        ):
+            return
+        per_device = len(batch[0]) * len(self._steps) / sum(self._steps)
+        metrics = {
+            "train/samples_per_sec": per_device * trainer.world_size,
+            "train/samples_per_sec_per_device": per_device,
+            "train/data_wait_ms": 1000 * sum(self._waits) / len(self._waits),
+            "train/data_wait_fraction": sum(self._waits) / sum(self._steps),
+        }
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=trainer.global_step)
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int

@@ -1,7 +1,14 @@
-"""PIL image -> the normalized tensor ``[3, S, S]`` an image tower expects.
+"""Image -> the tensor ``[3, S, S]`` an image tower expects.
 
 Training, validation, evaluation and inference all build their transform here from the tower's
-``preprocess_config`` (size, mean, std, interpolation), so the four can never disagree.
+``preprocess_config`` (size, mean, std, interpolation), so the four can never disagree. The geometry
+(crop, resize) runs on uint8 tensors, whose antialiased resize is several times faster than PIL's
+and matches it within 2 of 255 levels.
+
+Training batches stay uint8 until they are on the accelerator: ``image_transform(...,
+normalize=False)`` in the DataLoader workers, ``NormalizeImages`` on the device (``CLIPModule`` does
+it after the batch transfer). That moves 4x fewer bytes to the device and takes the float
+conversion out of the workers.
 """
 
 from __future__ import annotations
@@ -11,11 +18,12 @@ from collections.abc import Callable
 import numpy as np
 import torch
 from PIL import Image
+from torch import nn
 from torchvision.transforms import InterpolationMode, v2
 
 from clip_pl.model import PreprocessConfig
 
-ImageTransform = Callable[[Image.Image], torch.Tensor]
+ImageTransform = Callable[[Image.Image | torch.Tensor], torch.Tensor]
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -39,6 +47,43 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def to_uint8_tensor(image: Image.Image | torch.Tensor) -> torch.Tensor:
+    """RGB pixels ``[3, H, W]`` uint8 of a PIL image (any mode, see ``to_rgb``) or of a uint8 tensor.
+
+    A greyscale tensor ``[1, H, W]`` or ``[H, W]`` is repeated into three channels.
+    """
+    if isinstance(image, Image.Image):
+        return torch.from_numpy(np.array(to_rgb(image), dtype=np.uint8)).permute(2, 0, 1)
+    if image.dtype != torch.uint8:
+        raise TypeError(f"image tensors must be uint8 pixels [3, H, W], got {image.dtype}")
+    if image.ndim == 2:
+        image = image.unsqueeze(0)
+    if image.ndim != 3 or image.shape[0] not in (1, 3):
+        raise ValueError(f"image tensors must be [3, H, W] or [1, H, W], got shape {tuple(image.shape)}")
+    return image.expand(3, -1, -1) if image.shape[0] == 1 else image
+
+
+class NormalizeImages(nn.Module):
+    """uint8 pixels ``[..., 3, H, W]`` to the float32 input of the image tower: ``(x / 255 - mean) / std``.
+
+    One fused multiply-add per element, on the device of the module (its constants are
+    non-persistent buffers, so they move with ``.to(device)`` and never enter a state dict).
+
+    Args:
+        config: The model's ``preprocess_config``.
+    """
+
+    def __init__(self, config: PreprocessConfig):
+        super().__init__()
+        scale = [1 / (255 * s) for s in config.std]
+        shift = [-m / s for m, s in zip(config.mean, config.std)]
+        self.register_buffer("scale", torch.tensor(scale).view(3, 1, 1), persistent=False)
+        self.register_buffer("shift", torch.tensor(shift).view(3, 1, 1), persistent=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.addcmul(self.shift, images.float(), self.scale)
+
+
 def interpolation_mode(name: str) -> InterpolationMode:
     """The torchvision interpolation for a timm interpolation name such as ``"bicubic"``."""
     try:
@@ -53,8 +98,9 @@ def image_transform(
     train: bool = False,
     crop_scale: tuple[float, float] = (0.9, 1.0),
     horizontal_flip: bool = False,
+    normalize: bool = True,
 ) -> ImageTransform:
-    """The transform for a tower's ``preprocess_config``.
+    """The transform for a tower's ``preprocess_config``: PIL image or uint8 tensor in, ``[3, S, S]`` out.
 
     Evaluation resizes the shorter side to ``S`` and takes the center ``S x S`` crop. Training takes
     a random crop covering ``crop_scale`` of the area instead; the default is mild because a caption
@@ -65,6 +111,8 @@ def image_transform(
         train: Random resized crop instead of resize and center crop.
         crop_scale: Range of the crop's area relative to the image (training).
         horizontal_flip: Random flips (training); off by default since captions name left and right.
+        normalize: Return the float32 input of the tower; False returns uint8 pixels for
+            ``NormalizeImages`` to finish on the device.
     """
     size, interpolation = config.image_size, interpolation_mode(config.interpolation)
     if train:
@@ -75,12 +123,7 @@ def image_transform(
             geometry.append(v2.RandomHorizontalFlip())
     else:
         geometry = [v2.Resize(size, interpolation=interpolation), v2.CenterCrop(size)]
-    return v2.Compose(
-        [
-            to_rgb,
-            *geometry,
-            v2.PILToTensor(),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(list(config.mean), list(config.std)),
-        ]
-    )
+    steps = [to_uint8_tensor, *geometry]
+    if normalize:
+        steps.append(NormalizeImages(config))
+    return v2.Compose(steps)

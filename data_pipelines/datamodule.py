@@ -20,6 +20,7 @@ its own part of the position, so rank 0's state (the one Lightning saves) is val
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Iterator, Sequence
 
@@ -75,7 +76,11 @@ class _EpochLoader(DataLoader):
 
 
 class ShardDataModule(LightningDataModule):
-    """Image-text batches ``(images [B,3,H,W] float, tokens [B,L] long)`` from WebDataset shards.
+    """Image-text batches ``(images [B,3,H,W] uint8, tokens [B,L] long)`` from WebDataset shards.
+
+    Images leave the workers as uint8 pixels, cropped and resized but not normalized: 4x fewer bytes
+    to pin and copy. ``CLIPModule`` normalizes them on the device with the image tower's mean and
+    std; elsewhere apply ``clip_pl.transforms.NormalizeImages(model.preprocess_config)`` to them.
 
     Args:
         train_shards: Training shard spec (paths, brace patterns, URLs, ``pipe:``; sources joined
@@ -92,11 +97,11 @@ class ShardDataModule(LightningDataModule):
         shuffle_buffer: Samples shuffled together within each worker.
         seed: Seed of shard order, shard draws, shuffles and augmentations.
         image_size: Side of the square images, from the image tower's config.
-        mean: Normalization mean, from the image tower's config.
-        std: Normalization std, from the image tower's config.
         interpolation: Resize interpolation, from the image tower's config.
         crop_scale: Area range of the training RandomResizedCrop.
         horizontal_flip: Flip training images (off: captions name left and right).
+        draft_decode: Decode JPEGs at least twice the needed size at 1/2, 1/4 or 1/8 scale (libjpeg's
+            DCT scaling), never below the size the crop needs: the same crop from far fewer pixels.
         image_keys: Image file extensions looked up in each sample, in order.
         max_image_pixels: Larger images are skipped as decompression bombs.
         val_batch_size: Validation batch size; default ``batch_size``.
@@ -121,11 +126,10 @@ class ShardDataModule(LightningDataModule):
         shuffle_buffer: int = 1000,
         seed: int = 0,
         image_size: int = 224,
-        mean: Sequence[float] = (0.48145466, 0.4578275, 0.40821073),
-        std: Sequence[float] = (0.26862954, 0.26130258, 0.27577711),
         interpolation: str = "bicubic",
         crop_scale: tuple[float, float] = (0.9, 1.0),
         horizontal_flip: bool = False,
+        draft_decode: bool = True,
         image_keys: Sequence[str] = IMAGE_EXTENSIONS,
         max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
         val_batch_size: int | None = None,
@@ -145,11 +149,19 @@ class ShardDataModule(LightningDataModule):
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.rank, self.world_size = rank, world_size
         key = CaptionKey.parse(caption_key)
-        preprocess = PreprocessConfig(image_size, tuple(mean), tuple(std), interpolation)
+        # Mean and std are the module's business (NormalizeImages on the device); geometry only here.
+        geometry = PreprocessConfig(image_size, (0.0,) * 3, (1.0,) * 3, interpolation)
         # Built here so that a bad interpolation or crop_scale fails at construction.
-        train_images = image_transform(preprocess, train=True, crop_scale=tuple(crop_scale), horizontal_flip=horizontal_flip)
-        self._train_decoder = make_decoder(key, train_images, image_keys, max_image_pixels)
-        self._val_decoder = make_decoder(key, image_transform(preprocess), image_keys, max_image_pixels)
+        train_images = image_transform(
+            geometry, train=True, crop_scale=tuple(crop_scale), horizontal_flip=horizontal_flip, normalize=False
+        )
+        val_images = image_transform(geometry, normalize=False)
+        # Draft decoding must leave the smallest random crop (area crop_scale[0], aspect 3/4) at
+        # least image_size pixels on its short side, or the crop would be upsampled.
+        train_min = math.ceil(image_size / math.sqrt(crop_scale[0] * 3 / 4)) if draft_decode else None
+        val_min = image_size if draft_decode else None
+        self._train_decoder = make_decoder(key, train_images, image_keys, max_image_pixels, train_min)
+        self._val_decoder = make_decoder(key, val_images, image_keys, max_image_pixels, val_min)
         self._counters = {"train": SkipCounters(num_workers), "val": SkipCounters(num_workers)}
         self._shards: ShardSet | None = None
         self._stream: ShardStream | None = None

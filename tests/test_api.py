@@ -140,9 +140,11 @@ def test_eval_transform_resizes_short_side_and_center_crops():
     assert out.shape == (3, 32, 32)
     resized = image.resize((51, 32), Image.Resampling.BICUBIC)  # short side 40 -> 32, width 64 * 0.8 = 51.2
     left = round((51 - 32) / 2)
-    expected = np.asarray(resized.crop((left, 0, left + 32, 32)), dtype=np.float32) / 255
-    expected = (expected - np.array(CONFIG.mean)) / np.array(CONFIG.std)
-    assert np.allclose(out.permute(1, 2, 0).numpy(), expected, atol=1e-5)
+    expected = np.asarray(resized.crop((left, 0, left + 32, 32)), dtype=np.float32)
+    # The resize runs on uint8 tensors; it matches PIL's within 2 levels of 255.
+    pixels = (out.permute(1, 2, 0).numpy() * np.array(CONFIG.std) + np.array(CONFIG.mean)) * 255
+    assert np.abs(pixels - expected).max() <= 2
+    assert np.abs(pixels - expected).mean() < 0.1
 
 
 def test_train_transform_crops_randomly():

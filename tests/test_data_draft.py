@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_pipelines.samples import SkipSample, decode_image
+from data_pipelines.samples import SkipSample, decode_image, decode_pixels
 
 
 def _encode(mode: str, size: tuple[int, int], fmt: str = "JPEG") -> bytes:
@@ -35,6 +35,9 @@ def test_draft_scale_keeps_both_sides_at_least_min_size(size, min_size, expected
     assert image.mode == "RGB"
     assert image.size == expected
     assert min(image.size) >= min(min_size, *size)
+    pixels = decode_pixels(_encode("RGB", size), min_size=min_size)
+    assert pixels.shape == (3, expected[1], expected[0])
+    assert np.array_equal(pixels.permute(1, 2, 0).numpy(), np.asarray(image))
 
 
 def test_without_min_size_decodes_full_size():

@@ -16,9 +16,11 @@ import pytest
 import torch
 from PIL import Image
 
+from clip_pl.model import PreprocessConfig
+from clip_pl.transforms import NormalizeImages
 from data_pipelines import pipeline
 from data_pipelines.datamodule import ShardDataModule
-from data_pipelines.samples import SkipSample, decode_image
+from data_pipelines.samples import SkipSample, decode_image, decode_pixels
 
 
 def datamodule(spec, tokenizer, **kw) -> ShardDataModule:
@@ -37,7 +39,7 @@ def test_epoch_mode_reads_every_sample_once_across_2_ranks_x_2_workers(make_tiny
     for rank in range(2):
         loader = datamodule(spec, tiny_tokenizer, rank=rank, world_size=2, batch_size=5).train_dataloader()
         images, tokens = next(iter(loader))
-        assert images.shape == (5, 3, 8, 8) and images.dtype == torch.float32
+        assert images.shape == (5, 3, 8, 8) and images.dtype == torch.uint8
         assert tokens.shape == (5, tiny_tokenizer.context_length) and tokens.dtype == torch.long
         # Same loader, persistent workers: two epochs.
         runs.append([epoch_ids(loader, read_ids) for _ in range(2)])
@@ -124,7 +126,9 @@ def _image(mode: str, size: int = 8, fmt: str = "PNG", **save) -> bytes:
     ("data", "expected"),
     [
         (_image("RGB"), (10, 20, 30)),
+        (_image("RGB", fmt="JPEG"), (10, 20, 30)),
         (_image("L"), (128, 128, 128)),
+        (_image("L", fmt="JPEG"), (128, 128, 128)),
         (_image("CMYK", fmt="JPEG"), (255, 255, 255)),
         (_image("LA"), (255, 255, 255)),
         (_image("RGBA"), (255, 255, 255)),
@@ -135,6 +139,18 @@ def test_images_become_rgb_with_transparency_on_white(data, expected):
     image = decode_image(data)
     assert image.mode == "RGB"
     assert np.abs(np.asarray(image, dtype=int) - expected).max() <= 2
+    # The training path's tensor decoder (torchvision's for JPEG) gives the very same pixels.
+    pixels = decode_pixels(data)
+    assert pixels.dtype == torch.uint8 and pixels.shape == (3, 8, 8)
+    assert np.array_equal(pixels.permute(1, 2, 0).numpy(), np.asarray(image))
+
+
+def test_tensor_decoder_matches_pil_on_a_detailed_jpeg():
+    rng = np.random.default_rng(0)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)).save(buf, format="JPEG", quality=90)
+    pixels = decode_pixels(buf.getvalue()).permute(1, 2, 0).numpy()
+    assert np.array_equal(pixels, np.asarray(decode_image(buf.getvalue())))
 
 
 def test_16_bit_greyscale_keeps_its_brightness():
@@ -143,15 +159,19 @@ def test_16_bit_greyscale_keeps_its_brightness():
     assert np.asarray(decode_image(buf.getvalue())).tolist()[0][0] == [128, 128, 128]
 
 
-def test_undecodable_and_oversized_images_are_skip_reasons():
+@pytest.mark.parametrize("decode", [decode_image, decode_pixels])
+def test_undecodable_and_oversized_images_are_skip_reasons(decode):
     with pytest.raises(SkipSample) as bad:
-        decode_image(b"not an image")
+        decode(b"not an image")
     assert bad.value.kind == "bad_image"
-    with pytest.raises(SkipSample) as cut:
-        decode_image(_image("RGB", 64, "JPEG")[:300])
-    assert cut.value.kind == "bad_image"
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(buf, format="JPEG")
+    for cut_at in (300, len(buf.getvalue()) // 2):  # inside the header, inside the scan
+        with pytest.raises(SkipSample) as cut:
+            decode(buf.getvalue()[:cut_at])
+        assert cut.value.kind == "bad_image"
     with pytest.raises(SkipSample) as bomb:
-        decode_image(_image("RGB", 200), max_pixels=10_000)
+        decode(_image("RGB", 200, "JPEG"), max_pixels=10_000)
     assert bomb.value.kind == "too_large"
 
 
@@ -281,23 +301,18 @@ def test_reads_img2dataset_layout(tmp_path, make_tiny_shards, tiny_tokenizer, re
         assert dm.skipped_counts() == dict.fromkeys(dm.skipped_counts(), 0)
 
 
-def test_transforms_normalize_with_the_given_statistics(make_tiny_shards, tiny_tokenizer):
+def test_batches_are_uint8_pixels_that_the_module_normalizes(make_tiny_shards, tiny_tokenizer):
     spec, _ = make_tiny_shards([4])
-    dm = datamodule(
-        spec,
-        tiny_tokenizer,
-        val_shards=spec,
-        num_workers=0,
-        image_size=5,
-        mean=(0.5, 0.5, 0.5),
-        std=(0.25, 0.5, 1.0),
-        interpolation="bilinear",
-    )
+    dm = datamodule(spec, tiny_tokenizer, val_shards=spec, num_workers=0, image_size=5, interpolation="bilinear")
     images, _ = next(iter(dm.val_dataloader()))
-    # Sample 0 is the constant colour (0, 7, 200).
+    # Sample 0 is the constant colour (0, 7, 200); resizing a constant image keeps it exactly.
+    assert images.shape == (4, 3, 5, 5) and images.dtype == torch.uint8
+    assert images[0].flatten(1).unique(dim=1).tolist() == [[0], [7], [200]]
+    config = PreprocessConfig(5, mean=(0.5, 0.5, 0.5), std=(0.25, 0.5, 1.0), interpolation="bilinear")
+    normalized = NormalizeImages(config)(images)
     expected = torch.tensor([(0 / 255 - 0.5) / 0.25, (7 / 255 - 0.5) / 0.5, (200 / 255 - 0.5) / 1.0])
-    assert images.shape == (4, 3, 5, 5)
-    assert torch.allclose(images[0].mean(dim=(1, 2)), expected, atol=1e-3)
+    assert normalized.dtype == torch.float32
+    assert torch.allclose(normalized[0].mean(dim=(1, 2)), expected, atol=1e-6)
     with pytest.raises(ValueError, match="interpolation must be one of"):
         datamodule(spec, tiny_tokenizer, interpolation="cubic")
     with pytest.raises(ValueError, match="crop_scale"):

@@ -81,7 +81,7 @@ class _Recorder(pl.LightningModule):
 
     def training_step(self, batch, batch_idx):
         self.train_ids.append(self.read_ids(batch[1]))
-        return (self.weight * batch[0].mean()).sum()
+        return (self.weight * batch[0].float().mean()).sum()
 
     def validation_step(self, batch, batch_idx):
         self.val_ids.extend(self.read_ids(batch[1]))

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from clip_pl.distributed import free_port
 from clip_pl.loss import ClipLoss, SigLipLoss
 from clip_pl.model import create_model
+from clip_pl.module import forward_in_pieces
 
 
 def reference_clip_loss(img, txt, scale):
@@ -79,10 +80,25 @@ def _build(loss_name: str):
     return model, images, tokens
 
 
+class _PieceWise(torch.nn.Module):
+    """The arrangement under Lightning: DDP wraps a module whose forward encodes in pieces."""
+
+    def __init__(self, model, piece):
+        super().__init__()
+        self.model, self.piece = model, piece
+
+    def forward(self, images, tokens):
+        return forward_in_pieces(self.model, images, tokens, self.piece)
+
+
 def _step(model, loss_name, images, tokens):
     loss = LOSSES[loss_name][0]()(*model(images, tokens))
     loss.backward()
     return loss.detach()
+
+
+# Each rank's batch whole, and in pieces of one sample recomputed in backward (micro_batch_size=1).
+PIECES = (None, 1)
 
 
 def _rank_main(rank, world_size, port, out_dir):
@@ -94,15 +110,17 @@ def _rank_main(rank, world_size, port, out_dir):
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
         for loss_name in LOSSES:
-            model, images, tokens = _build(loss_name)
-            ddp = DDP(model)
-            per_rank = GLOBAL_BATCH // world_size
-            part = slice(rank * per_rank, (rank + 1) * per_rank)
-            loss = _step(ddp, loss_name, images[part], tokens[part])
-            dist.all_reduce(loss)
-            if rank == 0:
-                grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-                torch.save({"loss": loss / world_size, "grads": grads}, os.path.join(out_dir, f"{loss_name}.pt"))
+            for piece in PIECES:
+                model, images, tokens = _build(loss_name)
+                ddp = DDP(_PieceWise(model, piece))
+                per_rank = GLOBAL_BATCH // world_size
+                part = slice(rank * per_rank, (rank + 1) * per_rank)
+                loss = _step(ddp, loss_name, images[part], tokens[part])
+                dist.all_reduce(loss)
+                if rank == 0:
+                    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+                    out = os.path.join(out_dir, f"{loss_name}-{piece}.pt")
+                    torch.save({"loss": loss / world_size, "grads": grads}, out)
     finally:
         dist.destroy_process_group()
 
@@ -114,10 +132,12 @@ def test_ddp_gradients_equal_single_process_global_batch(world_size, tmp_path):
     for loss_name in LOSSES:
         model, images, tokens = _build(loss_name)
         expected_loss = _step(model, loss_name, images, tokens)
-        got = torch.load(tmp_path / f"{loss_name}.pt")
-        assert got["loss"].item() == pytest.approx(expected_loss.item(), abs=1e-5)
-        for name, param in model.named_parameters():
-            assert param.grad is not None, name
-            torch.testing.assert_close(got["grads"][name], param.grad, atol=1e-5, rtol=1e-4, msg=f"{loss_name}: {name}")
+        for piece in PIECES:
+            got = torch.load(tmp_path / f"{loss_name}-{piece}.pt")
+            assert got["loss"].item() == pytest.approx(expected_loss.item(), abs=1e-5)
+            for name, param in model.named_parameters():
+                assert param.grad is not None, name
+                msg = f"{loss_name}, pieces of {piece}: {name}"
+                torch.testing.assert_close(got["grads"][name], param.grad, atol=1e-5, rtol=1e-4, msg=msg)
         # The check must be able to fail: the gradient of the temperature is not negligible.
         assert model.logit_scale.grad.abs().item() > 1e-4

@@ -1,18 +1,28 @@
 """The LightningModule on in-memory data: optimizer groups, schedule, checkpoint contents."""
 
+import copy
+import csv
 import math
 import os
+import time
 
 import lightning as L
 import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from clip_pl.callbacks import AtomicCheckpointIO
+from clip_pl.callbacks import AtomicCheckpointIO, TrainingSpeedMonitor
 from clip_pl.checkpoint import atomic_torch_save, model_from_checkpoint, read_checkpoint
-from clip_pl.loss import ClipLoss
+from clip_pl.loss import ClipLoss, SigLipLoss
 from clip_pl.model import create_model
-from clip_pl.module import CLIPModule, OptimizerConfig, _no_weight_decay, _rng_state, _set_rng_state
+from clip_pl.module import (
+    CLIPModule,
+    OptimizerConfig,
+    _no_weight_decay,
+    _rng_state,
+    _set_rng_state,
+    forward_in_pieces,
+)
 from clip_pl.tokenizer import train_sentencepiece
 
 
@@ -130,3 +140,156 @@ def test_warmup_longer_than_training_is_warned_about(tokenizer, tmp_path):
         _trainer(tmp_path, 5, [recorder]).fit(_module(tokenizer, warmup_steps=5), _loader())
     # What the warning is about: every step of the run trains below the peak rate of 1e-3.
     assert len(recorder.lrs) == 5 and max(lr[0] for lr in recorder.lrs) < 1e-3
+
+
+# ---------------------------------------------------------------- speed options
+
+
+def _batch(n=12, size=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(4, 50, (n, 32), generator=g)
+    tokens[:, 12] = 3
+    return torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=g), tokens
+
+
+def _loss_and_grads(module, images, tokens):
+    module.zero_grad(set_to_none=True)
+    loss = module.loss(*forward_in_pieces(module.model, images, tokens, module.micro_batch_size))
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in module.model.named_parameters()}
+
+
+@pytest.mark.parametrize("loss_name", ["clip", "siglip"])
+def test_micro_batches_give_the_whole_batch_loss_and_gradients(tokenizer, loss_name):
+    overrides = {"init_logit_bias": -10.0} if loss_name == "siglip" else {}
+    loss = ClipLoss() if loss_name == "clip" else SigLipLoss()
+    torch.manual_seed(0)
+    model = create_model("tiny", image={"image_size": 32}, text={"vocab_size": 64}, **overrides)
+    whole, pieces = (CLIPModule(copy.deepcopy(model), tokenizer, loss, micro_batch_size=m) for m in (None, 5))
+    images, tokens = whole.on_after_batch_transfer(_batch(), 0)
+    expected_loss, expected = _loss_and_grads(whole, images, tokens)
+    got_loss, got = _loss_and_grads(pieces, images, tokens)  # pieces of 5, 5 and 2
+    assert got_loss == pytest.approx(expected_loss, abs=1e-6)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], atol=1e-6, rtol=1e-4, msg=name)
+    assert expected["logit_scale"].abs().item() > 1e-4
+
+
+def test_micro_batches_keep_only_features_through_the_forward_pass(tokenizer):
+    images, tokens = _batch(n=16)
+    saved = {}
+    for micro in (None, 4):
+        module = _module(tokenizer)
+        module.micro_batch_size = micro
+        images_f, tokens_f = module.on_after_batch_transfer((images, tokens), 0)
+        total = 0
+
+        def pack(t):
+            nonlocal total
+            total += t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            forward_in_pieces(module.model, images_f, tokens_f, micro)
+        saved[micro] = total
+    # Without pieces autograd keeps every activation; with them only inputs and features.
+    assert saved[4] < saved[None] / 20
+
+
+def test_uint8_batches_are_normalized_on_the_device_like_the_eval_transform(tokenizer):
+    module = _module(tokenizer)
+    images, tokens = _batch(n=2)
+    normalized, same_tokens = module.on_after_batch_transfer((images, tokens), 0)
+    config = module.model.preprocess_config
+    mean, std = torch.tensor(config.mean).view(3, 1, 1), torch.tensor(config.std).view(3, 1, 1)
+    torch.testing.assert_close(normalized, (images.float() / 255 - mean) / std)
+    assert same_tokens is tokens
+    # Float batches are taken as already normalized.
+    assert module.on_after_batch_transfer((normalized, tokens), 0)[0] is normalized
+
+
+def test_conv_towers_run_channels_last_with_the_same_outputs(tokenizer):
+    model = create_model("tiny", image={"name": "resnet18", "image_size": 32}, text={"vocab_size": 64})
+    module = CLIPModule(model, tokenizer, ClipLoss())
+    assert module.channels_last and not _module(tokenizer).channels_last  # auto: ResNet yes, ViT no
+    images, tokens = _batch(n=2)
+    model.eval()
+    expected = model.encode_image(module.normalize_images(images))
+    module.configure_model()
+    assert model.image_tower.trunk.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    images_cl, _ = module.on_after_batch_transfer((images, tokens), 0)
+    assert images_cl.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(model.encode_image(images_cl), expected, atol=1e-5, rtol=1e-4)
+
+
+def test_adamw_is_fused_on_cpu(tokenizer, tmp_path):
+    module = _module(tokenizer)
+    module.trainer = _trainer(tmp_path, max_steps=10)
+    assert module.configure_optimizers()["optimizer"].defaults["fused"]
+    module = _module(tokenizer, fused=False)
+    module.trainer = _trainer(tmp_path, max_steps=10)
+    assert not module.configure_optimizers()["optimizer"].defaults["fused"]
+
+
+class _GradNormRecorder(CLIPModule):
+    """Records the gradient norm that reaches the optimizer's update, i.e. after clipping."""
+
+    def configure_optimizers(self):
+        config = super().configure_optimizers()
+        optimizer, step = config["optimizer"], config["optimizer"].step
+        self.norms = []
+
+        def recording_step(closure):
+            loss = closure()  # forward, backward and Lightning's gradient clipping
+            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+            self.norms.append(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item())
+            step()
+            return loss
+
+        optimizer.step = recording_step
+        return config
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+@pytest.mark.parametrize("clip", [None, 0.05])
+def test_gradient_clipping_works_with_the_fused_optimizer(tokenizer, tmp_path, precision, clip):
+    # Lightning's mixed-precision plugin raises for a fused optimizer with gradient_clip_val.
+    module = _GradNormRecorder(create_model("tiny", image={"image_size": 32}, text={"vocab_size": 64}), tokenizer, ClipLoss())
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, default_root_dir=tmp_path, precision=precision, gradient_clip_val=clip,
+    )
+    trainer.fit(module, _loader())
+    assert module.trainer.optimizers[0].defaults["fused"] and len(module.norms) == 3
+    if clip is None:
+        assert min(module.norms) > 0.05  # so clipping at 0.05 below has work to do
+    else:
+        assert max(module.norms) == pytest.approx(clip, rel=1e-3)
+
+
+class _SlowBatches(torch.utils.data.IterableDataset):
+    """Batches of 8 that each take 50 ms to produce."""
+
+    def __iter__(self):
+        for images, tokens in _loader(n=64):
+            time.sleep(0.05)
+            yield images, tokens
+
+
+def test_speed_monitor_logs_throughput_and_data_wait_at_logging_steps(tokenizer, tmp_path):
+    from lightning.pytorch.loggers import CSVLogger
+
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=8, logger=CSVLogger(tmp_path, name="csv"), enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=3,
+        callbacks=[TrainingSpeedMonitor(window=2)],
+    )
+    trainer.fit(_module(tokenizer), DataLoader(_SlowBatches(), batch_size=None))
+    rows = [r for r in csv.DictReader(open(tmp_path / "csv" / "version_0" / "metrics.csv")) if r["train/samples_per_sec"]]
+    assert [int(r["step"]) for r in rows] == [3, 6]
+    for r in rows:
+        wait, rate = float(r["train/data_wait_ms"]), float(r["train/samples_per_sec"])
+        assert wait >= 50  # each batch took 50 ms to arrive
+        assert rate <= 8 / 0.05  # so no more than 8 samples per 50 ms
+        assert float(r["train/samples_per_sec_per_device"]) == rate  # one device
+        assert 0 < float(r["train/data_wait_fraction"]) < 1

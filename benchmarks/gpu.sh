@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# The GPU measurements of benchmarks/RESULTS.md, as run on the lent H100 (see RESULTS.md for the
+# environment). Usage: bash benchmarks/gpu.sh [throughput|profile|train|data] ; logs go to $OUT (default ./gpu-logs).
+#   throughput: train_throughput.py, clip_pl against OpenCLIP (ViT-B/16, micro-batches, RN50)
+#   profile:    train.py compiled, with Lightning's simple profiler (where a step's time goes)
+#   train:      train.py end to end (Lightning, the real input pipeline on generated shards, bf16),
+#               eager and compiled
+#   data:       the input pipeline alone on this machine's cores
+set -euo pipefail
+OUT=${OUT:-gpu-logs}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+bench="python3 benchmarks/train_throughput.py --device cuda --precision bf16"
+
+throughput() {
+    $bench --model vit_b16 --batch-size 256 --warmup 5 --steps 20 --rounds 3 --breakdown-steps 2 \
+        --variants clip_pl openclip clip_pl:compile openclip:compile clip_pl:patch_dropout openclip:patch_dropout \
+        2>&1 | tee "$OUT/vit_b16.txt"
+    $bench --model vit_b16 --batch-size 512 --micro-batch-size 128 --warmup 3 --steps 5 --rounds 2 --breakdown-steps 1 \
+        --variants openclip clip_pl clip_pl:micro_batch 2>&1 | tee "$OUT/micro_batch.txt"
+    $bench --model rn50 --batch-size 256 --warmup 5 --steps 20 --rounds 3 --breakdown-steps 2 \
+        --variants clip_pl openclip openclip:channels_last 2>&1 | tee "$OUT/rn50.txt"
+}
+
+shards() {
+    # 2000 generated samples (256-512 px JPEGs) and their tokenizer, in .cache/bench_shards.
+    python3 -c "from benchmarks.data_throughput import ensure_dataset, DEFAULT_CACHE; ensure_dataset(DEFAULT_CACHE, 2000, 250)"
+}
+
+train_vit_b16() {  # train_vit_b16 RUN_DIR [overrides...]
+    local run_dir=$1
+    shift
+    python3 train.py model=vit_b16 data=webdataset trainer=gpu trainer.devices=1 logger=csv pictures=null \
+        "data.train_shards='.cache/bench_shards/shards/{00000..00007}.tar'" tokenizer.path=.cache/bench_shards/tok.model \
+        data.batch_size=256 data.num_workers=14 data.samples_per_epoch=10000000 optim.warmup_steps=10 \
+        trainer.max_steps=300 trainer.log_every_n_steps=10 checkpoint.every_n_steps=100000 \
+        run_dir="$run_dir" trainer.enable_progress_bar=false "$@"
+}
+
+profile() {
+    shards
+    train_vit_b16 "$OUT/profile" module.compile=true +trainer.profiler=simple 2>&1 | grep -v "It is recommended" \
+        > "$OUT/profile.txt"
+    grep -E "Action|Total|run_training_batch|train_dataloader_next|optimizer_step|training_step|backward|batch_to_device|on_train_batch" \
+        "$OUT/profile.txt" | cut -c1-60,170-280
+
+}
+
+train() {
+    shards
+    for compile in false true; do
+        train_vit_b16 "$OUT/train_compile_$compile" module.compile=$compile 2>&1 | tail -5
+        python3 - "$OUT/train_compile_$compile" <<'PY' | tee -a "$OUT/train.txt"
+import csv, glob, statistics, sys
+rows = list(csv.DictReader(open(glob.glob(f"{sys.argv[1]}/csv/version_*/metrics.csv")[0])))
+last = [r for r in rows if r.get("train/samples_per_sec")][-10:]  # the last 100 of 300 steps
+rate = statistics.median(float(r["train/samples_per_sec"]) for r in last)
+wait = statistics.median(float(r["train/data_wait_fraction"]) for r in last)
+print(f"{sys.argv[1]}: train.py samples/s {rate:.1f} (median of logged steps {last[0]['step']}-{last[-1]['step']}), data wait {100 * wait:.1f}% of step time")
+PY
+    done
+}
+
+data() {
+    python3 benchmarks/data_throughput.py --workers 1 4 8 --pipelines clip_pl openclip --rounds 2 --batches 20 \
+        --batch-size 256 2>&1 | tee "$OUT/data_16cores.txt"
+}
+
+"${1:-throughput}"
