@@ -26,6 +26,8 @@ channels-last for conv towers, ``forward_in_pieces``, ``build_optimizer`` (fused
 * ``channels_last``: model and images in channels-last memory format (OpenCLIP; clip_pl does it by
   itself for conv towers).
 * ``patch_dropout``: drop ``--patch-dropout`` of the image patches in training (FLIP), both frameworks.
+* ``grad_checkpointing``: both towers recompute each block's activations in backward (clip_pl's
+  ``model.{image,text}.grad_checkpointing``, OpenCLIP's ``set_grad_checkpointing``).
 * ``micro_batch``: clip_pl encodes the batch in pieces of ``--micro-batch-size`` with activation
   checkpointing (``CLIPModule(micro_batch_size=...)``): the memory of a smaller batch, the loss of the
   whole one.
@@ -79,7 +81,9 @@ from clip_pl.model import CLIP, create_model, list_models
 from clip_pl.module import CLIPModule, OptimizerConfig, build_optimizer, forward_in_pieces
 
 FRAMEWORKS = ("clip_pl", "openclip")
-OPTIONS = ("fused", "foreach", "loop", "compile", "channels_last", "patch_dropout", "micro_batch")
+OPTIONS = ("fused", "foreach", "loop", "compile", "channels_last", "patch_dropout", "micro_batch", "grad_checkpointing")
+# Options that change the model itself, so its FLOPs and saved activations are counted separately.
+MODEL_OPTIONS = ("patch_dropout", "grad_checkpointing")
 H100_BF16_DENSE_TFLOPS = 989.0
 
 # Token ids of the synthetic captions (clip_pl's tokenizer layout: pad 0, bos 2, eos 3).
@@ -277,7 +281,8 @@ class Runner:
 
 
 def flops_key(runner: Runner) -> str:
-    return runner.framework + (":patch_dropout" if "patch_dropout" in runner.options else "")
+    model_options = [o for o in MODEL_OPTIONS if o in runner.options]
+    return runner.framework + (":" + "+".join(model_options) if model_options else "")
 
 
 def parse_variant(text: str) -> tuple[str, frozenset[str]]:
@@ -301,16 +306,23 @@ class _Vocabulary:
 
 
 def variant_model(framework: str, options: frozenset[str], base: dict[str, nn.Module], patch_dropout: float):
-    """A copy of the framework's base model, rebuilt with patch dropout when the variant asks for it."""
+    """A copy of the framework's base model, rebuilt with the variant's model options."""
     if "patch_dropout" not in options:
-        return copy.deepcopy(base[framework])
-    if framework == "clip_pl":
+        model = copy.deepcopy(base[framework])
+    elif framework == "clip_pl":
         config = copy.deepcopy(base["clip_pl"].config)
         config.image.patch_dropout = patch_dropout
         model = CLIP(config)
     else:
         model = create_openclip(base["clip_pl"], patch_dropout)
-    model.load_state_dict(base[framework].state_dict())
+    if "patch_dropout" in options:
+        model.load_state_dict(base[framework].state_dict())
+    if "grad_checkpointing" in options:
+        if framework == "clip_pl":
+            model.image_tower.trunk.set_grad_checkpointing(True)
+            model.config.image.grad_checkpointing = model.config.text.grad_checkpointing = True
+        else:
+            model.set_grad_checkpointing(True)
     return model
 
 
@@ -531,7 +543,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # FLOPs and saved activations per framework, on eager models (compilation changes neither the math
     # nor, much, what must be kept; the hooks do not see inside compiled graphs).
-    # Patch dropout changes the model's FLOPs, so it is counted separately.
+    # Patch dropout and checkpointing change the model's FLOPs or saved activations: counted separately.
     per_framework: dict[str, dict] = {}
     for r in runners:
         key = flops_key(r)

@@ -18,7 +18,6 @@ from collections.abc import Callable
 import numpy as np
 import torch
 from PIL import Image
-from torch import nn
 from torchvision.transforms import InterpolationMode, v2
 
 from clip_pl.model import PreprocessConfig
@@ -63,24 +62,25 @@ def to_uint8_tensor(image: Image.Image | torch.Tensor) -> torch.Tensor:
     return image.expand(3, -1, -1) if image.shape[0] == 1 else image
 
 
-class NormalizeImages(nn.Module):
+class NormalizeImages:
     """uint8 pixels ``[..., 3, H, W]`` to the float32 input of the image tower: ``(x / 255 - mean) / std``.
 
-    One fused multiply-add per element, on the device of the module (its constants are
-    non-persistent buffers, so they move with ``.to(device)`` and never enter a state dict).
+    One fused multiply-add per element, on the device of the pixels; the two constants follow
+    them there once. Deliberately not an ``nn.Module``: a buffer in the LightningModule would make
+    DDP broadcast it at every forward, a collective that hangs when ranks run different numbers of
+    validation batches.
 
     Args:
         config: The model's ``preprocess_config``.
     """
 
     def __init__(self, config: PreprocessConfig):
-        super().__init__()
-        scale = [1 / (255 * s) for s in config.std]
-        shift = [-m / s for m, s in zip(config.mean, config.std)]
-        self.register_buffer("scale", torch.tensor(scale).view(3, 1, 1), persistent=False)
-        self.register_buffer("shift", torch.tensor(shift).view(3, 1, 1), persistent=False)
+        self.scale = torch.tensor([1 / (255 * s) for s in config.std]).view(3, 1, 1)
+        self.shift = torch.tensor([-m / s for m, s in zip(config.mean, config.std)]).view(3, 1, 1)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        if self.scale.device != images.device:
+            self.scale, self.shift = self.scale.to(images.device), self.shift.to(images.device)
         return torch.addcmul(self.shift, images.float(), self.scale)
 
 

@@ -293,3 +293,10 @@ def test_speed_monitor_logs_throughput_and_data_wait_at_logging_steps(tokenizer,
         assert rate <= 8 / 0.05  # so no more than 8 samples per 50 ms
         assert float(r["train/samples_per_sec_per_device"]) == rate  # one device
         assert 0 < float(r["train/data_wait_fraction"]) < 1
+
+
+def test_module_adds_no_buffers_for_ddp_to_broadcast(tokenizer):
+    # DDP broadcasts buffers at forward; validation forwards run unevenly across ranks, so a
+    # buffer of the module's own (e.g. normalization constants) would hang a DDP validation.
+    module = _module(tokenizer)
+    assert [n for n, _ in module.named_buffers()] == [f"model.{n}" for n, _ in module.model.named_buffers()]
