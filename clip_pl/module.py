@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -171,6 +172,9 @@ class CLIPModule(L.LightningModule):
         self.optim = optim if isinstance(optim, OptimizerConfig) else OptimizerConfig(**(optim or {}))
         self.compile = compile
         self.normalize_images = NormalizeImages(model.preprocess_config)
+        # The datamodule leaves on_after_batch_transfer to this module on purpose (it normalizes
+        # with the model's statistics); Lightning would warn about the choice at every fit.
+        warnings.filterwarnings("ignore", message="You have overridden `on_after_batch_transfer`")
         self.channels_last = _has_conv_trunk(model) if channels_last is None else channels_last
         if micro_batch_size is not None and micro_batch_size <= 0:
             raise ValueError(f"module.micro_batch_size must be positive or null, got {micro_batch_size}")
