@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from timm.scheduler import CosineLRScheduler
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import checkpoint
 
 from clip_pl.checkpoint import CHECKPOINT_KEY
@@ -232,6 +233,14 @@ class CLIPModule(L.LightningModule):
         return loss
 
     def on_validation_epoch_start(self) -> None:
+        ddp = self.trainer.strategy.model if self.trainer is not None else None
+        if isinstance(ddp, DistributedDataParallel):
+            # DDP broadcasts buffers (BatchNorm statistics) from rank 0 at the first forward after
+            # a training step, validation forwards included. Ranks run different numbers of
+            # validation batches, possibly none, and a rank without any would never join that
+            # broadcast: the run would hang. Training forwards broadcast again from the second
+            # step after validation on.
+            ddp.require_forward_param_sync = False
         self._val_features.clear()
         self._val_loss_sum = torch.zeros(2, device=self.device)  # (sum of sample losses, samples)
 
