@@ -160,9 +160,10 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, min_si
 def decode_pixels(data: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, min_size: int | None = None) -> torch.Tensor:
     """Decodes an encoded image into RGB pixels, a uint8 tensor ``[3, H, W]``: the training input path.
 
-    The same pixels as ``decode_image``, faster: a full-size RGB or greyscale JPEG is decoded by
+    The same pixels as ``decode_image``: a full-size RGB or greyscale JPEG is decoded by
     torchvision's libjpeg-turbo decoder (the same library as PIL's, without PIL's buffering and
-    copies: about 1.6x faster); draft-scaled JPEGs and other formats go through ``decode_image``.
+    copies: as fast at 256-512 px, 1.2x at 600-1000 px, see benchmarks/RESULTS.md); draft-scaled
+    JPEGs and other formats are decoded by PIL.
 
     Args:
         data: The encoded image.
@@ -174,12 +175,13 @@ def decode_pixels(data: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, min_s
     """
     with _decode_errors():
         image = _open_checked(data, max_pixels)
-        fast = decode_jpeg is not None and image.format == "JPEG" and image.mode in ("RGB", "L")
-        if fast and not _draft(image, min_size):
+        drafted = _draft(image, min_size)
+        if decode_jpeg is not None and not drafted and image.format == "JPEG" and image.mode in ("RGB", "L"):
             warnings.filterwarnings("ignore", "The image decoding", DeprecationWarning)
             # bytearray: a writable buffer, so torch does not warn about aliasing read-only bytes.
             return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
-    return to_uint8_tensor(decode_image(data, max_pixels, min_size))
+        image.load()
+        return to_uint8_tensor(image)
 
 
 def read_samples(
