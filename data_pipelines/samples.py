@@ -14,14 +14,15 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import re
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import islice
 
 import torch
-import webdataset as wds
 from PIL import Image
+from webdataset.tariterators import group_by_keys, url_opener
 
 try:
     # Deprecated since torchvision 0.29 in favour of torchcodec (not a dependency here); PIL serves
@@ -31,11 +32,15 @@ except ImportError:  # pragma: no cover - torchvision builds without image ops
     decode_jpeg = None
 
 from clip_pl.transforms import to_rgb, to_uint8_tensor
+from data_pipelines.tar_reader import iter_tar
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 
 # PIL's own default limit (about 89.5 megapixels); larger images are treated as decompression bombs.
 DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
+
+# webdataset's convention: files named __...__ carry shard metadata, not sample data.
+_META_FILE = re.compile(r"__[^/]*__($|/)")
 
 # Reasons a sample is dropped; the order is the column order of the shared skip counters.
 SKIP_KINDS = ("unreadable_shard", "missing_image", "missing_caption", "bad_image", "too_large")
@@ -184,12 +189,29 @@ def decode_pixels(data: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, min_s
         return to_uint8_tensor(image)
 
 
+def _tar_files(
+    streams: Iterable[dict], handler: Callable[[Exception], bool], select_files: Callable[[str], bool] | None
+) -> Iterator[dict]:
+    """The files of opened shards as webdataset's grouping stage takes them, ``{}`` closing each shard."""
+    for source in streams:
+        url = source["url"]
+        try:
+            for name, data in iter_tar(source["stream"], select_files):
+                if not _META_FILE.match(name):
+                    yield {"fname": name, "data": data, "__url__": url}
+        except Exception as exn:
+            exn.args = (f"{exn.args[0] if exn.args else exn!r} @ {url}", *exn.args[1:])
+            if not handler(exn):
+                return
+        yield {}
+
+
 def read_samples(
     urls: Iterable[str],
     handler: Callable[[Exception], bool],
     select_files: Callable[[str], bool] | None = None,
 ) -> Iterator[dict]:
-    """Raw samples of the given shards in order, through webdataset's tar reader.
+    """Raw samples of the given shards in order: webdataset's URL opening and grouping, clip_pl's tar reader.
 
     Args:
         urls: Shard URLs or paths.
@@ -197,7 +219,8 @@ def read_samples(
             go on with the next shard.
         select_files: Keep only tar members whose name passes (saves reading unused images).
     """
-    return wds.tarfile_to_samples(handler=handler, select_files=select_files)({"url": u} for u in urls)
+    streams = url_opener(({"url": u} for u in urls), handler=handler)
+    return group_by_keys(_tar_files(streams, handler, select_files), handler=handler)
 
 
 def check_layout(
