@@ -315,8 +315,11 @@ class ShardStream(IterableDataset):
             return
         tag = f"{self.seed}/{epoch}/{self.rank}/{self.world_size}/{slot}/{num_workers}"
         if info is not None:
-            # Augmentations draw from torch's global generator, which is this worker's own.
-            torch.manual_seed(_stable_int(f"augment/{tag}/{start}"))
+            # Augmentations draw from the global generators of Python (crops) and torch (custom
+            # transforms), which are this worker's own.
+            augment_seed = _stable_int(f"augment/{tag}/{start}")
+            random.seed(augment_seed)
+            torch.manual_seed(augment_seed)
         tally = _Tally(self.counters)
         if self.mode == "epoch":
             raw = self._epoch_samples(tag, epoch, slot, num_workers, done * self.batch_size, tally)

@@ -1,10 +1,13 @@
 import base64
 import json
+import random
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 from tiny_clip import make_model, make_tokenizer, random_image, write_checkpoint
@@ -12,7 +15,7 @@ from tiny_clip import make_model, make_tokenizer, random_image, write_checkpoint
 import clip_pl
 from clip_pl import export
 from clip_pl.model import PreprocessConfig
-from clip_pl.transforms import image_transform, to_rgb
+from clip_pl.transforms import RandomResizedCrop, image_transform, interpolation_mode, to_rgb
 
 
 @pytest.fixture(scope="module")
@@ -156,6 +159,48 @@ def test_train_transform_crops_randomly():
     assert not torch.equal(a, b)
     with pytest.raises(ValueError, match="crop_scale"):
         image_transform(CONFIG, train=True, crop_scale=(0.5, 1.5))
+
+
+@pytest.mark.parametrize(
+    "height,width,scale",
+    [(300, 400, (0.9, 1.0)), (400, 300, (0.08, 1.0)), (256, 256, (0.5, 0.6)), (100, 1000, (0.9, 1.0))],
+)
+def test_random_resized_crop_draws_torchvisions_crops(height, width, scale):
+    torch.manual_seed(0)
+    random.seed(0)
+    mine = RandomResizedCrop(224, scale, interpolation_mode("bicubic"))
+    theirs = v2.RandomResizedCrop(224, scale=scale)
+    image = torch.zeros(3, height, width, dtype=torch.uint8)
+    n = 3000
+    ours = np.array([mine.params(height, width) for _ in range(n)], dtype=float)
+    ref = np.array([list(theirs.make_params([image]).values())[:4] for _ in range(n)], dtype=float)
+    # (top, left, height, width): the same distribution, compared by mean and spread of each.
+    for a, b in zip(ours.T, ref.T):
+        tolerance = 4 * b.std() / np.sqrt(n) + 0.5
+        assert abs(a.mean() - b.mean()) < tolerance and abs(a.std() - b.std()) < tolerance
+    area = ours[:, 2] * ours[:, 3] / (height * width)
+    if width / height > 4 / 3 / scale[0]:
+        # No crop of that area fits the ratio range: always the largest center crop of ratio 4/3.
+        assert (ours == ref).all() and (ours[0] == [0, 433, 100, 133]).all()
+    else:
+        assert area.min() >= scale[0] - 0.02 and area.max() <= scale[1] + 0.02
+
+    pixels = torch.randint(0, 256, (3, height, width), dtype=torch.uint8)
+    random.seed(5)
+    top, left, h, w = mine.params(height, width)
+    random.seed(5)
+    expected = F.resized_crop(pixels, top, left, h, w, [224, 224], v2.InterpolationMode.BICUBIC, antialias=True)
+    assert torch.equal(mine(pixels), expected)
+
+
+def test_horizontal_flip_mirrors_half_the_crops():
+    random.seed(0)
+    flip = RandomResizedCrop(8, (1.0, 1.0), interpolation_mode("bilinear"), horizontal_flip=True)
+    pixels = torch.arange(3 * 8 * 8, dtype=torch.uint8).view(3, 8, 8)
+    outs = [flip(pixels) for _ in range(400)]
+    mirrored = sum(torch.equal(o, pixels.flip(-1)) for o in outs)
+    assert all(torch.equal(o, pixels) or torch.equal(o, pixels.flip(-1)) for o in outs)
+    assert 160 < mirrored < 240
 
 
 def test_transparent_pixels_become_white():

@@ -6,6 +6,7 @@ import functools
 import io
 import json
 import os
+import random
 import threading
 import time
 from collections import Counter
@@ -101,13 +102,16 @@ def test_resampled_weights_1_to_3_give_about_1_to_3(make_tiny_shards, tiny_token
 def test_same_seed_gives_the_same_stream(make_tiny_shards, tiny_tokenizer, read_ids):
     spec, _ = make_tiny_shards([10, 30, 20])
 
-    def stream(seed):
+    def stream(seed, global_seed):
+        # The crops must not depend on the main process's generators, which the workers inherit.
+        random.seed(global_seed)
+        torch.manual_seed(global_seed)
         loader = datamodule(
             spec, tiny_tokenizer, mode="resampled", samples_per_epoch=40, seed=seed, image_size=6, crop_scale=(0.3, 1.0)
         ).train_dataloader()
         return [(read_ids(tokens), images) for images, tokens in loader]
 
-    first, again, other = stream(1), stream(1), stream(2)
+    first, again, other = stream(1, global_seed=0), stream(1, global_seed=1), stream(2, global_seed=0)
     assert [ids for ids, _ in first] == [ids for ids, _ in again]
     # Augmentations too: the crops are seeded per worker.
     assert all(torch.equal(a, b) for (_, a), (_, b) in zip(first, again, strict=True))
