@@ -21,7 +21,7 @@ from clip_pl.model import PreprocessConfig
 from clip_pl.transforms import NormalizeImages
 from data_pipelines import pipeline
 from data_pipelines.datamodule import ShardDataModule
-from data_pipelines.samples import SkipSample, decode_image, decode_pixels
+from data_pipelines.samples import SkipSample, decode_image, decode_pixels, jpeg_frame
 
 
 def datamodule(spec, tokenizer, **kw) -> ShardDataModule:
@@ -155,6 +155,25 @@ def test_tensor_decoder_matches_pil_on_a_detailed_jpeg():
     Image.fromarray(rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)).save(buf, format="JPEG", quality=90)
     pixels = decode_pixels(buf.getvalue()).permute(1, 2, 0).numpy()
     assert np.array_equal(pixels, np.asarray(decode_image(buf.getvalue())))
+
+
+@pytest.mark.parametrize(
+    "mode,options",
+    [("RGB", {}), ("RGB", {"progressive": True}), ("L", {}), ("CMYK", {}), ("RGB", {"exif": b"Exif\0\0" + bytes(300)})],
+)
+def test_jpeg_frame_reads_the_size_pil_reads(mode, options):
+    rng = np.random.default_rng(1)
+    channels = {"RGB": 3, "L": 1, "CMYK": 4}[mode]
+    pixels = rng.integers(0, 256, (45, 70, channels), dtype=np.uint8).squeeze()
+    buf = io.BytesIO()
+    Image.fromarray(pixels, mode).save(buf, format="JPEG", quality=90, icc_profile=bytes(2000), **options)
+    data = buf.getvalue()
+    marker, height, width, components = jpeg_frame(data)
+    assert (height, width, components) == (45, 70, channels)
+    assert marker == (0xC2 if options.get("progressive") else 0xC0)
+    # Whichever decoder serves it, the pixels are PIL's.
+    assert np.array_equal(decode_pixels(data).permute(1, 2, 0).numpy(), np.asarray(decode_image(data)))
+    assert jpeg_frame(data[:20]) is None and jpeg_frame(b"\x89PNG" + data[4:]) is None
 
 
 def test_16_bit_greyscale_keeps_its_brightness():
