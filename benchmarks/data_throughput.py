@@ -20,12 +20,15 @@ Pipelines:
   open_clip's own (``open_clip.image_transform(224, is_train=True)``, the BPE tokenizer of
   ``open_clip.get_tokenizer("ViT-B-32")``).
 * ``clip_pl:no_draft``: the same with ``draft_decode=False``.
-* ``clip_pl:before``: clip_pl's input path before issue #7's work, kept here for the comparison:
-  PIL decode, PIL crop-resize, float conversion and normalization in the workers, float batches.
+* ``clip_pl:before``: clip_pl's decoding and transforms before issue #7's work, kept here for the
+  comparison: PIL decode, PIL crop-resize, float conversion and normalization in the workers,
+  float batches. It shares today's tar reader; the old one (webdataset's, on ``tarfile``) is timed
+  in ``--stages``.
 
-clip_pl's path today: ``decode_pixels`` (torchvision's JPEG decoder, or PIL draft decoding for
-JPEGs at least twice the needed size), crop-resize on uint8 tensors, uint8 batches (normalized on
-the device by ``CLIPModule``).
+clip_pl's path today: clip_pl's tar reader (``data_pipelines.tar_reader``), ``decode_pixels``
+(torchvision's JPEG decoder, or PIL draft decoding for JPEGs at least twice the needed size),
+crop-resize on uint8 tensors with crop parameters drawn from Python's ``random``, uint8 batches
+(normalized on the device by ``CLIPModule``).
 
 Shuffle buffers: both shuffles hold raw (undecoded) samples, so their size does not change the work
 per sample, but it changes *when* tar reading happens. clip_pl's blockwise shuffle reads a whole
@@ -75,11 +78,11 @@ from PIL import Image, ImageDraw
 from torchvision.transforms import v2
 
 from clip_pl.tokenizer import Tokenizer, train_sentencepiece
-from clip_pl.transforms import interpolation_mode, to_rgb
+from clip_pl.transforms import RandomResizedCrop, interpolation_mode, to_rgb
 from data_pipelines.datamodule import ShardDataModule
 from data_pipelines.make_shards import Pair, write_shards
 from data_pipelines.pipeline import SampleDecoder
-from data_pipelines.samples import CaptionKey, decode_image, decode_pixels, image_bytes, read_samples
+from data_pipelines.samples import CaptionKey, decode_image, decode_pixels, image_bytes, jpeg_frame, read_samples
 
 PIPELINES = ("clip_pl", "openclip", "clip_pl:no_draft", "clip_pl:before")
 # OpenCLIP's sample shuffle is shuffle(5000, initial=1000); see "Shuffle buffers" above.
@@ -316,11 +319,19 @@ def decode_rate(images: list[bytes], kind: str, draft_size: int) -> float:
 DECODERS = ("decode-only", "decode-only:pil", "decode-only:draft")
 
 
+def _webdataset_samples(urls: list[str]) -> list[dict]:
+    """The raw samples as webdataset's own tar reader (Python's ``tarfile``) yields them."""
+    import webdataset as wds
+
+    return list(wds.tarfile_to_samples(handler=lambda exn: False)({"url": u} for u in urls))
+
+
 def stage_costs(data: Dataset, images: list[bytes], batch_size: int, rounds: int, draft_size: int) -> dict[str, float]:
     """Median milliseconds per sample of each step of clip_pl's path, and of the path before, in this process."""
     tokenizer = Tokenizer.from_file(data.tokenizer_path, context_length=77)
     captions = [_caption(random.Random(i)) for i in range(len(images))]
-    crop = v2.RandomResizedCrop(224, scale=(0.9, 1.0), interpolation=interpolation_mode("bicubic"))
+    crop = RandomResizedCrop(224, (0.9, 1.0), interpolation_mode("bicubic"))
+    torchvision_crop = v2.RandomResizedCrop(224, scale=(0.9, 1.0), interpolation=interpolation_mode("bicubic"))
     before = _before_transform().transforms
     import open_clip
 
@@ -328,16 +339,22 @@ def stage_costs(data: Dataset, images: list[bytes], batch_size: int, rounds: int
     openclip_text = _OpenClipText(open_clip.get_tokenizer("ViT-B-32"))
     times: dict[str, list[float]] = {}
 
-    def timed(name: str, fn: Callable, items: list) -> list:
+    def timed(name: str, fn: Callable, items: list, per: int | None = None) -> list:
         start = time.perf_counter()
         out = [fn(x) for x in items]
-        times.setdefault(name, []).append(1000 * (time.perf_counter() - start) / len(images))
+        times.setdefault(name, []).append(1000 * (time.perf_counter() - start) / (per or len(images)))
         return out
 
     batches = [slice(i, i + batch_size) for i in range(0, len(images), batch_size)]
     for _ in range(rounds):
+        timed("now: tar read + group (clip_pl's reader)", lambda u: list(read_samples([u], lambda e: False)), data.urls, data.samples)
+        timed("before: tar read + group (webdataset, tarfile)", lambda u: _webdataset_samples([u]), data.urls, data.samples)
+        timed("now: JPEG size from the frame header", jpeg_frame, images)
+        timed("before: JPEG size from PIL.Image.open", lambda b: Image.open(io.BytesIO(b)).size, images)
         pixels = timed("now: decode_pixels", decode_pixels, images)
         timed(f"now: decode_pixels, draft to >= {draft_size}", lambda b: decode_pixels(b, min_size=draft_size), images)
+        timed("now: crop parameters (Python random)", lambda p: crop.params(*p.shape[-2:]), pixels)
+        timed("before: crop parameters (torchvision, torch RNG)", lambda p: torchvision_crop.make_params([p]), pixels)
         crops = timed("now: RandomResizedCrop 224 bicubic (uint8 tensor)", crop, pixels)
         timed("now: torch.stack uint8 batch", lambda s: torch.stack(crops[s]), batches)
         timed("tokenize (per batch)", lambda s: tokenizer(captions[s]), batches)
@@ -398,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
         costs = stage_costs(data, images, args.batch_size, args.rounds, args.draft_size)
         print("milliseconds per sample, one process, median of", args.rounds, "rounds:")
         for name, ms in costs.items():
-            print(f"  {name:42s} {ms:7.2f}")
+            print(f"  {name:50s} {ms:7.2f}")
         return 0
 
     # Each round times every pipeline once, then the decode-only limits, the order reversed every other round.
