@@ -184,7 +184,8 @@ def _write_shard(shard: int, pairs: Sequence[Pair], options: _Options) -> dict:
     status: Counter[str] = Counter()
     name = os.path.join(options.output_dir, f"{shard:05d}")
     # Written under a temporary name so that an interrupted run leaves no complete-looking shard.
-    with wds.TarWriter(name + ".tar.tmp", encoder=False) as writer:
+    # A whole-second mtime: TarWriter's default (a float) costs every file a 1 KiB PAX header.
+    with wds.TarWriter(name + ".tar.tmp", encoder=False, mtime=int(start)) as writer:
         for index, pair in enumerate(pairs):
             key = f"{shard:05d}{index:0{options.key_digits}d}"
             if not pair.caption.strip():

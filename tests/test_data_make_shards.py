@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import tarfile
 
 import pytest
 from PIL import Image
@@ -91,6 +92,10 @@ def test_folder_round_trips_into_img2dataset_layout(photo_folder, tmp_path):
     meta = samples["caption a.jpg"]["json"]
     assert (meta["width"], meta["height"], meta["original_width"], meta["original_height"]) == (16, 8, 40, 20)
     assert meta["caption"] == "caption a.jpg" and meta["source"] == "a.jpg"
+    # Plain ustar members: no PAX header per file (1 KiB each with a fractional mtime).
+    with tarfile.open(out / "00001.tar") as tar:
+        members = tar.getmembers()
+    assert len(members) == 6 and not any(m.pax_headers for m in members)
 
 
 @pytest.mark.parametrize("fmt", ["csv", "tsv", "parquet"])
