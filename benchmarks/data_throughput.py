@@ -347,8 +347,18 @@ def stage_costs(data: Dataset, images: list[bytes], batch_size: int, rounds: int
 
     batches = [slice(i, i + batch_size) for i in range(0, len(images), batch_size)]
     for _ in range(rounds):
-        timed("now: tar read + group (clip_pl's reader)", lambda u: list(read_samples([u], lambda e: False)), data.urls, data.samples)
-        timed("before: tar read + group (webdataset, tarfile)", lambda u: _webdataset_samples([u]), data.urls, data.samples)
+        timed(
+            "now: tar read + group (clip_pl's reader)",
+            lambda u: list(read_samples([u], lambda e: False)),
+            data.urls,
+            data.samples,
+        )
+        timed(
+            "before: tar read + group (webdataset, tarfile)",
+            lambda u: _webdataset_samples([u]),
+            data.urls,
+            data.samples,
+        )
         timed("now: JPEG size from the frame header", jpeg_frame, images)
         timed("before: JPEG size from PIL.Image.open", lambda b: Image.open(io.BytesIO(b)).size, images)
         pixels = timed("now: decode_pixels", decode_pixels, images)

@@ -103,8 +103,8 @@ class RandomResizedCrop:
     ``scale`` and an aspect ratio log-uniform in ``ratio``, the first that fits is placed uniformly;
     if none fits, the largest center crop within ``ratio``. torchvision draws each of these numbers
     as a one-element torch tensor; with a mild ``scale`` such as (0.9, 1.0) most tries fail, and
-    those draws cost 0.18 ms per image, a sixth of the JPEG decode. Python's generator takes
-    0.01 ms. Seed it with ``random.seed`` (the training stream does, per worker).
+    those draws cost 0.1-0.25 ms per image, up to a fifth of the JPEG decode. Python's generator
+    takes 0.01 ms. Seed it with ``random.seed`` (the training stream does, per worker).
 
     Args:
         size: Side of the square output.

@@ -170,7 +170,7 @@ def jpeg_frame(data: bytes) -> tuple[int, int, int, int] | None:
     """``(marker, height, width, components)`` of a JPEG's frame header, None when ``data`` is no JPEG.
 
     Reads the marker segments up to the frame header, a few jumps through the first bytes: what
-    ``PIL.Image.open`` learns in 0.07 ms (a twelfth of a 400 px decode) by parsing every segment.
+    ``PIL.Image.open`` learns in 0.03-0.07 ms (up to a twelfth of a 400 px decode) by parsing every segment.
     """
     if not data.startswith(b"\xff\xd8"):
         return None
@@ -184,7 +184,10 @@ def jpeg_frame(data: bytes) -> tuple[int, int, int, int] | None:
         elif 0xD0 <= marker <= 0xD9 or marker == 0x01:  # markers without a segment
             pos += 2
         elif 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
-            height, width = int.from_bytes(data[pos + 5 : pos + 7], "big"), int.from_bytes(data[pos + 7 : pos + 9], "big")
+            height, width = (
+                int.from_bytes(data[pos + 5 : pos + 7], "big"),
+                int.from_bytes(data[pos + 7 : pos + 9], "big"),
+            )
             return marker, height, width, data[pos + 9]
         elif marker == 0xDA:  # scan data before any frame header
             return None
