@@ -108,17 +108,19 @@ def iter_tar(stream: BinaryIO, select_files: Callable[[str], bool] | None = None
     head = _read(stream, BLOCK)
     if not head:
         raise ReadError("empty file")
+    seekable = False
     if head.startswith(_GZIP_MAGIC):
+        # Not seekable: GzipFile's seek only decompresses forward, and stops silently at the end.
         stream = gzip.GzipFile(fileobj=io.BufferedReader(_Prefixed(head, stream)))
         head = _read(stream, BLOCK)
     else:
         for magic, name in _OTHER_COMPRESSION.items():
             if head.startswith(magic):
                 raise ReadError(f"{name}-compressed tars are not supported; decompress them or use gzip")
-    try:
-        seekable = stream.seekable()
-    except (AttributeError, OSError):
-        seekable = False
+        try:
+            seekable = stream.seekable()
+        except (AttributeError, OSError):
+            pass
 
     def skip(size: int) -> None:
         if seekable:
@@ -133,6 +135,9 @@ def iter_tar(stream: BinaryIO, select_files: Callable[[str], bool] | None = None
         if len(header) < BLOCK:
             if header:
                 raise ReadError("truncated header")
+            # A seek past the end (skipping a file that was cut short) does not fail by itself.
+            if seekable and stream.tell() > stream.seek(0, io.SEEK_END):
+                raise ReadError("unexpected end of data")
             return
         if header == _ZERO_BLOCK:
             return

@@ -117,6 +117,10 @@ def test_broken_tars_raise_read_errors_where_tarfile_would_stop_silently():
             list(iter_tar(io.BytesIO(bytes(damaged[where]))))
     # tarfile's stream mode takes a damaged header after a complete file for the end of the archive:
     assert _tarfile_regular(bytes(damaged[second + 20])) == files[:1]
+    # Cut inside a file that select_files skips: a seek past the end is caught too.
+    for stream in (io.BytesIO(data[: 3 * 512 + 100]), io.BytesIO(gzip.compress(data[: 3 * 512 + 100]))):
+        with pytest.raises(tarfile.ReadError, match="unexpected end of data"):
+            list(iter_tar(stream, lambda name: name.endswith(".txt")))
     # Cut exactly between two files, a tar looks complete (the pipeline checks shard sizes for it).
     assert list(iter_tar(io.BytesIO(data[:second]))) == files[:1]
     with pytest.raises(tarfile.ReadError, match="bzip2-compressed tars are not supported"):
