@@ -28,9 +28,14 @@ channels-last for conv towers, ``forward_in_pieces``, ``build_optimizer`` (fused
 * ``patch_dropout``: drop ``--patch-dropout`` of the image patches in training (FLIP), both frameworks.
 * ``grad_checkpointing``: both towers recompute each block's activations in backward (clip_pl's
   ``model.{image,text}.grad_checkpointing``, OpenCLIP's ``set_grad_checkpointing``).
-* ``micro_batch``: clip_pl encodes the batch in pieces of ``--micro-batch-size`` with activation
-  checkpointing (``CLIPModule(micro_batch_size=...)``): the memory of a smaller batch, the loss of the
-  whole one.
+* ``micro_batch``: the batch in pieces of ``--micro-batch-size``, the memory of a smaller batch with
+  the loss of the whole one. clip_pl encodes the pieces with activation checkpointing
+  (``CLIPModule(micro_batch_size=...)``): one forward without saving, then in backward each piece
+  is recomputed. OpenCLIP runs its trainer's ``--accum-freq`` step (``train_one_epoch`` in
+  ``open_clip_train``, rebuilt here, each piece standing for one of its accumulated batches): a
+  forward of every piece without gradients caches the features, then each piece runs forward
+  again and back-propagates the whole batch's loss with its own features in place of the cached
+  ones (one loss and one backward per piece).
 
 Each step copies the host batch to the device (pinned memory on CUDA), then zero_grad, forward
 and loss under autocast (``--precision bf16``), backward, optimizer step, as both trainers do.
@@ -222,6 +227,7 @@ class Runner:
     module: CLIPModule | None
     device: torch.device
     autocast: bool
+    micro_batch_size: int | None = None  # OpenCLIP's accum-freq pieces (clip_pl's are the module's)
     rates: list[float] = field(default_factory=list)
     phases: dict[str, list[float]] = field(
         default_factory=lambda: {"data": [], "forward": [], "backward": [], "optimizer": []}
@@ -238,8 +244,13 @@ class Runner:
             images = images.contiguous(memory_format=torch.channels_last)
         return images, tokens
 
-    def forward_loss(self, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+    def autocast_context(self) -> torch.autocast:
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast)
+
+    def forward_loss(self, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor | _AccumFreqLoss:
+        if self.module is None and self.micro_batch_size:
+            return _AccumFreqLoss(self, images, tokens)
+        with self.autocast_context():
             if self.module is not None:
                 m = self.module
                 return m.loss(*forward_in_pieces(m.model, images, tokens, m.micro_batch_size))
@@ -278,6 +289,32 @@ class Runner:
         t4 = time.perf_counter()
         for key, seconds in zip(self.phases, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
             self.phases[key].append(seconds)
+
+
+class _AccumFreqLoss:
+    """OpenCLIP's ``--accum-freq`` step on the pieces of one batch, after its gradient-free forward.
+
+    Construction is the first pass: every piece's features, without gradients. ``backward`` is the
+    second: per piece, a forward with gradients, the loss of the whole batch with this piece's
+    features in place of its cached ones, and a backward.
+    """
+
+    def __init__(self, runner: Runner, images: torch.Tensor, tokens: torch.Tensor):
+        self.runner = runner
+        self.pieces = list(zip(images.split(runner.micro_batch_size), tokens.split(runner.micro_batch_size)))
+        with torch.no_grad(), runner.autocast_context():
+            cached = [runner.model(i, t)[:2] for i, t in self.pieces]
+        self.image_features, self.text_features = [c[0] for c in cached], [c[1] for c in cached]
+
+    def backward(self) -> None:
+        model, loss_fn = self.runner.model, self.runner.loss
+        for j, (images, tokens) in enumerate(self.pieces):
+            with self.runner.autocast_context():
+                image_j, text_j, logit_scale = model(images, tokens)
+                image_features = torch.cat([*self.image_features[:j], image_j, *self.image_features[j + 1 :]])
+                text_features = torch.cat([*self.text_features[:j], text_j, *self.text_features[j + 1 :]])
+                loss = loss_fn(image_features, text_features, logit_scale)
+            loss.backward()
 
 
 def flops_key(runner: Runner) -> str:
@@ -363,7 +400,10 @@ def build_runner(
     for group in optimizer.param_groups:
         if options & {"foreach", "loop"}:
             group["foreach"] = "foreach" in options
-    return Runner(text, framework, options, model, loss, optimizer, module, device, autocast)
+    runner = Runner(text, framework, options, model, loss, optimizer, module, device, autocast)
+    if framework == "openclip" and "micro_batch" in options:
+        runner.micro_batch_size = args.micro_batch_size
+    return runner
 
 
 # --------------------------------------------------------------------------------------------
