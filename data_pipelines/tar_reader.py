@@ -83,10 +83,10 @@ def _pax_records(data: bytes) -> dict[str, str]:
     """``"LEN key=value\\n"`` records of a PAX header."""
     records, pos = {}, 0
     while pos < len(data) and data[pos] != 0:
-        space = data.index(b" ", pos)
-        length = int(data[pos:space])
-        if length <= 0:
-            raise ReadError("invalid PAX record length")
+        space = data.find(b" ", pos)
+        length = int(data[pos:space]) if data[pos:space].isdigit() else 0
+        if space < 0 or length <= space - pos or data[pos + length - 1 : pos + length] != b"\n":
+            raise ReadError("invalid record in a PAX header")
         key, _, value = data[space + 1 : pos + length - 1].partition(b"=")
         records[key.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
         pos += length

@@ -12,7 +12,7 @@ import pytest
 import webdataset as wds
 
 from data_pipelines.samples import read_samples
-from data_pipelines.tar_reader import _number, iter_tar
+from data_pipelines.tar_reader import _number, _pax_records, iter_tar
 
 
 def _tar(fmt: int, files: list[tuple[str, bytes]], extras: bool = True, float_mtime: bool = False) -> bytes:
@@ -125,6 +125,13 @@ def test_broken_tars_raise_read_errors_where_tarfile_would_stop_silently():
     assert list(iter_tar(io.BytesIO(data[:second]))) == files[:1]
     with pytest.raises(tarfile.ReadError, match="bzip2-compressed tars are not supported"):
         list(iter_tar(io.BytesIO(bz2.compress(data))))
+
+
+def test_damaged_pax_records_raise_read_errors():
+    for records in (b"abc path=x\n", b"3 p\n", b"30 path=x\n"[:5] + b"x" * 3):
+        with pytest.raises(tarfile.ReadError, match="invalid record in a PAX header"):
+            _pax_records(records)
+    assert _pax_records(b"12 path=a/b\n9 size=7\n") == {"path": "a/b", "size": "7"}
 
 
 def test_numeric_fields_octal_and_base_256():
