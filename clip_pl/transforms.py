@@ -27,6 +27,9 @@ from clip_pl.model import PreprocessConfig
 
 ImageTransform = Callable[[Image.Image | torch.Tensor], torch.Tensor]
 
+# Aspect-ratio range (width / height) of the training crops, torchvision's default.
+CROP_RATIO = (3 / 4, 4 / 3)
+
 
 def to_rgb(image: Image.Image) -> Image.Image:
     """Any PIL mode to RGB; transparent pixels become white rather than PIL's black.
@@ -120,7 +123,7 @@ class RandomResizedCrop:
         scale: tuple[float, float],
         interpolation: InterpolationMode,
         horizontal_flip: bool = False,
-        ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        ratio: tuple[float, float] = CROP_RATIO,
     ):
         if not 0 < scale[0] <= scale[1] <= 1:
             raise ValueError(f"crop_scale must satisfy 0 < low <= high <= 1, got {tuple(scale)}")

@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader
 
 from clip_pl.model import PreprocessConfig
 from clip_pl.tokenizer import Tokenizer
-from clip_pl.transforms import image_transform
+from clip_pl.transforms import CROP_RATIO, image_transform
 from data_pipelines.counters import SkipCounters
 from data_pipelines.pipeline import (
     MODES,
@@ -156,9 +156,10 @@ class ShardDataModule(LightningDataModule):
             geometry, train=True, crop_scale=tuple(crop_scale), horizontal_flip=horizontal_flip, normalize=False
         )
         val_images = image_transform(geometry, normalize=False)
-        # Draft decoding must leave the smallest random crop (area crop_scale[0], aspect 3/4) at
-        # least image_size pixels on its short side, or the crop would be upsampled.
-        train_min = math.ceil(image_size / math.sqrt(crop_scale[0] * 3 / 4)) if draft_decode else None
+        # Draft decoding must leave the smallest random crop (area crop_scale[0], the narrowest
+        # aspect) at least image_size pixels on its short side, or the crop would be upsampled.
+        narrowest = min(CROP_RATIO[0], 1 / CROP_RATIO[1])
+        train_min = math.ceil(image_size / math.sqrt(crop_scale[0] * narrowest)) if draft_decode else None
         val_min = image_size if draft_decode else None
         self._train_decoder = make_decoder(key, train_images, image_keys, max_image_pixels, train_min)
         self._val_decoder = make_decoder(key, val_images, image_keys, max_image_pixels, val_min)

@@ -131,13 +131,16 @@ def _decode_errors() -> Iterator[None]:
         raise SkipSample("bad_image", repr(exn)) from None
 
 
-def _draft(image: Image.Image, min_size: int | None) -> bool:
+def _draftable(width: int, height: int, min_size: int | None) -> bool:
+    """Whether a JPEG of this size decodes at 1/2 scale or less with both sides >= ``min_size``."""
+    return min_size is not None and min(width, height) >= 2 * min_size
+
+
+def _draft(image: Image.Image, min_size: int | None) -> None:
     """Asks PIL to decode a JPEG at 1/2, 1/4 or 1/8 scale when both sides stay >= ``min_size``."""
-    if min_size is None or image.format != "JPEG" or min(image.size) < 2 * min_size:
-        return False
-    # Mode "RGB" asks for scaling only: draft never converts an RGB/CMYK JPEG's mode then.
-    image.draft("RGB", (min_size, min_size))
-    return True
+    if image.format == "JPEG" and _draftable(*image.size, min_size):
+        # Mode "RGB" asks for scaling only: draft never converts an RGB/CMYK JPEG's mode then.
+        image.draft("RGB", (min_size, min_size))
 
 
 def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, min_size: int | None = None) -> Image.Image:
@@ -219,7 +222,7 @@ def decode_pixels(data: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, min_s
             _, height, width, _ = frame
             if width * height > max_pixels:
                 raise SkipSample("too_large", f"{width}x{height} pixels")
-            if min_size is None or min(width, height) < 2 * min_size:
+            if not _draftable(width, height, min_size):
                 warnings.filterwarnings("ignore", "The image decoding", DeprecationWarning)
                 # bytearray: a writable buffer, so torch does not warn about aliasing read-only bytes.
                 return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
