@@ -76,9 +76,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
 
 from clip_pl.tokenizer import Tokenizer, train_sentencepiece
-from clip_pl.transforms import RandomResizedCrop, interpolation_mode, to_rgb
+from clip_pl.transforms import RandomResizedCrop, interpolation_mode, stack_pixels, to_rgb
 from data_pipelines.datamodule import ShardDataModule
 from data_pipelines.make_shards import Pair, write_shards
 from data_pipelines.pipeline import SampleDecoder
@@ -326,6 +327,12 @@ def _webdataset_samples(urls: list[str]) -> list[dict]:
     return list(wds.tarfile_to_samples(handler=lambda exn: False)({"url": u} for u in urls))
 
 
+def _strided_resized_crop(crop: RandomResizedCrop, pixels: torch.Tensor) -> torch.Tensor:
+    """``crop`` as it ran at 4699114: resized without first copying the crop into one HWC block."""
+    top, left, h, w = crop.params(*pixels.shape[-2:])
+    return F.resized_crop(pixels, top, left, h, w, [crop.size, crop.size], crop.interpolation, antialias=True)
+
+
 def stage_costs(data: Dataset, images: list[bytes], batch_size: int, rounds: int, draft_size: int) -> dict[str, float]:
     """Median milliseconds per sample of each step of clip_pl's path, and of the path before, in this process."""
     tokenizer = Tokenizer.from_file(data.tokenizer_path, context_length=77)
@@ -366,7 +373,9 @@ def stage_costs(data: Dataset, images: list[bytes], batch_size: int, rounds: int
         timed("now: crop parameters (Python random)", lambda p: crop.params(*p.shape[-2:]), pixels)
         timed("before: crop parameters (torchvision, torch RNG)", lambda p: torchvision_crop.make_params([p]), pixels)
         crops = timed("now: RandomResizedCrop 224 bicubic (uint8 tensor)", crop, pixels)
-        timed("now: torch.stack uint8 batch", lambda s: torch.stack(crops[s]), batches)
+        timed("at 4699114: the same on the strided crop", lambda p: _strided_resized_crop(crop, p), pixels)
+        timed("now: stack_pixels uint8 batch (channels-last)", lambda s: stack_pixels(crops[s]), batches)
+        timed("at 4699114: torch.stack uint8 batch (CHW)", lambda s: torch.stack(crops[s]), batches)
         timed("tokenize (per batch)", lambda s: tokenizer(captions[s]), batches)
         decoded = timed("before: decode_image (PIL)", decode_image, images)
         pil_crops = timed("before: RandomResizedCrop 224 bicubic (PIL)", before[1], decoded)

@@ -213,8 +213,8 @@ class CLIPModule(L.LightningModule):
         images, *rest = batch
         if images.dtype == torch.uint8:
             images = self.normalize_images(images)
-        if self.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
+        # Batches from ShardDataModule are channels-last (``stack_pixels``); each tower gets its own layout.
+        images = images.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
         return (images, *rest)
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:

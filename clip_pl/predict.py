@@ -5,8 +5,10 @@ Usage::
     python -m clip_pl.predict --checkpoint model.safetensors --labels "granny smith,ipod,pizza" a.jpg b.jpg
     python -m clip_pl.predict --checkpoint last.ckpt --labels "cat,dog" --templates prompts.txt --json cat.png
 
-For every image it prints the labels ranked by probability: a softmax over the model's
-temperature-scaled cosine similarities between the image and each label's prompt embedding.
+For every image it prints the labels ranked by probability, computed as the model was trained to
+score: for a CLIP model a softmax over the temperature-scaled cosine similarities between the image
+and each label's prompt embedding; for a SigLIP model (one with a logit bias) each label's own
+sigmoid of its scaled similarity plus the bias, so one image's probabilities need not sum to 1.
 """
 
 from __future__ import annotations
@@ -38,7 +40,11 @@ def predict(
     labels: Sequence[str],
     templates: Sequence[str] = (DEFAULT_TEMPLATE,),
 ) -> torch.Tensor:
-    """Label probabilities ``[len(images), len(labels)]`` (float32, on CPU); each row sums to 1.
+    """Label probabilities ``[len(images), len(labels)]`` (float32, on CPU).
+
+    A CLIP model's rows are a softmax and sum to 1. A SigLIP model (``model.logit_bias`` set) was
+    trained to judge every image-text pair on its own, so each entry is that pair's sigmoid: the
+    probability that the label fits, independent of the other candidates.
 
     Args:
         model: A CLIP model in eval mode.
@@ -52,6 +58,8 @@ def predict(
     classifier = build_zero_shot_classifier(model, tokenizer, list(labels), list(templates), device=device)
     batch = torch.stack([preprocess(image) for image in images]).to(device)
     logits = model.temperature().float() * model.encode_image(batch).float() @ classifier
+    if model.logit_bias is not None:
+        return torch.sigmoid(logits + model.logit_bias.float()).cpu()
     return logits.softmax(dim=-1).cpu()
 
 

@@ -152,10 +152,28 @@ class RandomResizedCrop:
     def __call__(self, image: Image.Image | torch.Tensor) -> torch.Tensor:
         pixels = to_uint8_tensor(image)
         top, left, h, w = self.params(*pixels.shape[-2:])
-        out = F.resized_crop(pixels, top, left, h, w, [self.size, self.size], self.interpolation, antialias=True)
+        # libjpeg-turbo and PIL give HWC pixels. torch's vectorised uint8 resize needs its input
+        # contiguous in that layout, which a crop is not; copying the crop first is 1.4x faster
+        # than resizing the strided view. The output stays HWC in memory (see ``stack_pixels``).
+        crop = pixels[None, :, top : top + h, left : left + w].contiguous(memory_format=torch.channels_last)
+        out = F.resize(crop, [self.size, self.size], self.interpolation, antialias=True)[0]
         if self.horizontal_flip and random.random() < 0.5:
             out = out.flip(-1)
         return out
+
+
+def stack_pixels(images: list[torch.Tensor]) -> torch.Tensor:
+    """Stacks ``[3, S, S]`` uint8 images into a batch ``[B, 3, S, S]``, keeping an HWC memory layout.
+
+    Training crops are HWC in memory (channels-last). ``torch.stack`` would transpose each into
+    CHW, 0.19 ms per 224 px image, a tenth of its JPEG decode; stacking the HWC views is a copy
+    (0.01 ms). The batch is then channels-last; ``CLIPModule`` sets the layout its image tower wants
+    after normalizing on the device.
+    """
+    hwc = [image.permute(1, 2, 0) for image in images]
+    if all(x.is_contiguous() for x in hwc):
+        return torch.stack(hwc).permute(0, 3, 1, 2)
+    return torch.stack(images)
 
 
 def image_transform(

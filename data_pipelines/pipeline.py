@@ -42,7 +42,7 @@ import torch.distributed as dist
 from torch.utils.data import IterableDataset, get_worker_info
 
 from clip_pl.tokenizer import Tokenizer
-from clip_pl.transforms import ImageTransform
+from clip_pl.transforms import ImageTransform, stack_pixels
 from data_pipelines.counters import SkipCounters
 from data_pipelines.samples import (
     DEFAULT_MAX_IMAGE_PIXELS,
@@ -402,10 +402,10 @@ def _batches(
         images.append(image)
         captions.append(caption)
         if len(images) == batch_size:
-            yield torch.stack(images), tokenizer(captions)
+            yield stack_pixels(images), tokenizer(captions)
             images, captions = [], []
     if partial and images:
-        yield torch.stack(images), tokenizer(captions)
+        yield stack_pixels(images), tokenizer(captions)
 
 
 def _range_pieces(shards: ShardSet, seed: int, epoch: int, begin: int, length: int) -> list[tuple[str, int, int]]:

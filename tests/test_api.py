@@ -15,7 +15,7 @@ from tiny_clip import make_model, make_tokenizer, random_image, write_checkpoint
 import clip_pl
 from clip_pl import export
 from clip_pl.model import PreprocessConfig
-from clip_pl.transforms import RandomResizedCrop, image_transform, interpolation_mode, to_rgb
+from clip_pl.transforms import RandomResizedCrop, image_transform, interpolation_mode, stack_pixels, to_rgb
 
 
 @pytest.fixture(scope="module")
@@ -185,12 +185,26 @@ def test_random_resized_crop_draws_torchvisions_crops(height, width, scale):
     else:
         assert area.min() >= scale[0] - 0.02 and area.max() <= scale[1] + 0.02
 
-    pixels = torch.randint(0, 256, (3, height, width), dtype=torch.uint8)
-    random.seed(5)
-    top, left, h, w = mine.params(height, width)
-    random.seed(5)
-    expected = F.resized_crop(pixels, top, left, h, w, [224, 224], v2.InterpolationMode.BICUBIC, antialias=True)
-    assert torch.equal(mine(pixels), expected)
+    # Decoders give HWC pixels; torchvision's own tensors are CHW. The same pixels either way.
+    chw = torch.randint(0, 256, (3, height, width), dtype=torch.uint8)
+    for pixels in (chw, chw.permute(1, 2, 0).contiguous().permute(2, 0, 1)):
+        random.seed(5)
+        top, left, h, w = mine.params(height, width)
+        random.seed(5)
+        expected = F.resized_crop(chw, top, left, h, w, [224, 224], v2.InterpolationMode.BICUBIC, antialias=True)
+        out = mine(pixels)
+        assert torch.equal(out, expected)
+        # HWC in memory, so that a batch stacks without a transpose (``stack_pixels``).
+        assert out.permute(1, 2, 0).is_contiguous()
+
+
+def test_stack_pixels_equals_torch_stack_in_either_layout():
+    chw = [torch.randint(0, 256, (3, 5, 5), dtype=torch.uint8) for _ in range(4)]
+    hwc = [x.permute(1, 2, 0).contiguous().permute(2, 0, 1) for x in chw]
+    for images in (chw, hwc, [chw[0], hwc[1], chw[2], hwc[3]]):
+        assert torch.equal(stack_pixels(images), torch.stack(chw))
+    assert stack_pixels(hwc).is_contiguous(memory_format=torch.channels_last)
+    assert stack_pixels(chw).is_contiguous()
 
 
 def test_horizontal_flip_mirrors_half_the_crops():

@@ -204,6 +204,9 @@ def test_uint8_batches_are_normalized_on_the_device_like_the_eval_transform(toke
     mean, std = torch.tensor(config.mean).view(3, 1, 1), torch.tensor(config.std).view(3, 1, 1)
     torch.testing.assert_close(normalized, (images.float() / 255 - mean) / std)
     assert same_tokens is tokens
+    # ShardDataModule's batches are channels-last; a ViT tower still gets its usual layout.
+    from_loader, _ = module.on_after_batch_transfer((images.contiguous(memory_format=torch.channels_last), tokens), 0)
+    assert from_loader.is_contiguous() and torch.equal(from_loader, normalized)
     # Float batches are taken as already normalized.
     assert module.on_after_batch_transfer((normalized, tokens), 0)[0] is normalized
 

@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_clip import make_model, make_tokenizer, random_image
+from tiny_clip import CONTEXT_LENGTH, make_model, make_tokenizer, random_image
 
 from clip_pl import predict
 from clip_pl.export import export_model
+from clip_pl.model import create_model
 from clip_pl.transforms import image_transform
 
 LABELS = ["granny smith", "ipod", "pizza"]
@@ -99,6 +100,25 @@ def test_template_ensemble_changes_the_result(setup, capsys):
     assert {p["label"]: p["probability"] for p in got} != pytest.approx(
         {label: expected[0][i].item() for i, label in enumerate(LABELS)}, abs=1e-4
     )
+
+
+@pytest.mark.parametrize("logit_bias", [None, -1.0])
+def test_probabilities_are_a_softmax_for_clip_and_a_sigmoid_per_label_for_siglip(tmp_path, logit_bias):
+    tokenizer = make_tokenizer(tmp_path)
+    torch.manual_seed(3)
+    text = {"vocab_size": tokenizer.vocab_size, "context_length": CONTEXT_LENGTH}
+    model = create_model("tiny", text=text, init_logit_bias=logit_bias).eval()
+    images = [random_image(20, (64, 48)), random_image(21, (40, 40))]
+    preprocess = image_transform(model.preprocess_config)
+    got = predict.predict(model, preprocess, tokenizer, images, LABELS)
+    with torch.no_grad():
+        image = model.encode_image(torch.stack([preprocess(image) for image in images]))
+        logits = model.temperature() * image @ model.encode_text(tokenizer([f"a photo of a {x}." for x in LABELS])).T
+    if logit_bias is None:
+        torch.testing.assert_close(got, logits.softmax(dim=-1))
+    else:
+        torch.testing.assert_close(got, torch.sigmoid(logits + logit_bias))
+        assert (got.sum(dim=-1) - 1).abs().min() > 0.05  # each label on its own, not shares of 1
 
 
 @pytest.mark.parametrize(
