@@ -125,12 +125,14 @@ def test_rerunning_the_command_resumes(demo_overrides, tmp_path):
 
 
 # The demo's one val shard leaves rank 1 without validation batches. With BatchNorm buffers (resnet18)
-# DDP's buffer broadcast at the first validation forward once hung such a run.
-@pytest.mark.parametrize("tower", ["vit_tiny_patch16_224", "resnet18"])
-def test_ddp_two_cpu_processes_through_entry_point(demo_overrides, tmp_path, tower):
+# DDP's buffer broadcast at the first validation forward once hung such a run. The ViT run is
+# compiled, as the experiment recipes are (tests/test_module.py checks compiled against eager).
+@pytest.mark.parametrize("tower, compile", [("vit_tiny_patch16_224", True), ("resnet18", False)])
+def test_ddp_two_cpu_processes_through_entry_point(demo_overrides, tmp_path, tower, compile):
     result = run_cli([*demo_overrides, f"run_dir={tmp_path}", "trainer.devices=2", "trainer.strategy=ddp",
                       "trainer.max_steps=3", "data.num_workers=1", "+trainer.limit_val_batches=2",
-                      "+trainer.val_check_interval=3", f"model.image.name={tower}"], timeout=240)
+                      "+trainer.val_check_interval=3", f"model.image.name={tower}", f"module.compile={compile}"],
+                     timeout=400)
     assert result.returncode == 0, result.stderr[-3000:]
     output = result.stdout + result.stderr
     assert "distributed_backend=gloo" in output and "All distributed processes registered" in output
