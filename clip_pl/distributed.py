@@ -1,4 +1,4 @@
-"""Collectives the contrastive losses need, with the gradients they must carry.
+"""Collectives the contrastive losses need, with the gradients they must carry, and those evaluation needs.
 
 All functions degrade to the identity when ``torch.distributed`` is not initialised, so the same
 code runs on one CPU process, on gloo and on NCCL.
@@ -83,3 +83,24 @@ def all_gather_uneven(tensor: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(padded) for _ in range(world_size)]
     dist.all_gather(parts, padded.contiguous())
     return torch.cat([part[:n] for part, n in zip(parts, counts)])
+
+
+def raise_if_any_rank_failed(error: Exception | None, device: torch.device, what: str) -> None:
+    """Raises on every rank when the work before failed on any: call it on all ranks after that work.
+
+    Evaluation data can fail on one rank only (a bad label in its share); without this the others
+    would wait in the next collective until the process group times out.
+
+    Args:
+        error: This rank's exception, or None.
+        device: Where the collective's flag lives (a CUDA device under NCCL).
+        what: The work, for the message of ranks that did not fail themselves.
+    """
+    _, world_size = rank_and_world_size()
+    if world_size > 1:
+        failed = torch.tensor([error is not None], dtype=torch.int64, device=device)
+        dist.all_reduce(failed)
+        if error is None and failed.item():
+            raise RuntimeError(f"{what} failed on {failed.item()} other rank(s); their error is in their log")
+    if error is not None:
+        raise error

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterator, Sequence
+from itertools import islice
 
 import torch
 from PIL import Image
@@ -91,13 +92,18 @@ class LabelKey:
 class LabelledShards(IterableDataset):
     """``(image_tensor, class_index)`` from WebDataset shards, each sample once, in shard order.
 
-    DataLoader workers take every ``num_workers``-th shard, so use at most as many workers as shards.
+    The samples are split between ranks and, within a rank, its DataLoader workers: each of the
+    ``world_size x num_workers`` parts reads its own shards when there are at least that many,
+    otherwise every part reads all shards and decodes every part-th sample (decoding is the cost).
+    Together the parts yield each sample exactly once.
 
     Args:
         spec: Shard spec, as in training (``"val-{000..009}.tar"``, a directory, ``::``-joined sources).
         transform: PIL image -> tensor.
         label_key: See ``LabelKey``.
         image_keys: Image member extensions, tried in order.
+        rank: This process's share of the samples (with ``world_size``).
+        world_size: Processes the samples are split between.
     """
 
     def __init__(
@@ -106,22 +112,30 @@ class LabelledShards(IterableDataset):
         transform: ImageTransform,
         label_key: str = "cls",
         image_keys: Sequence[str] = IMAGE_EXTENSIONS,
+        rank: int = 0,
+        world_size: int = 1,
     ):
         super().__init__()
         self.urls = [u for source in parse_shard_spec(spec) for u in source.urls]
         self.transform = transform
         self.label_key = LabelKey(label_key)
         self.image_keys = tuple(image_keys)
+        self.rank, self.world_size = rank, world_size
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, int]]:
         info = get_worker_info()
         worker, num_workers = (0, 1) if info is None else (info.id, info.num_workers)
+        part, parts = self.rank * num_workers + worker, self.world_size * num_workers
 
         def reraise(exn: Exception) -> bool:
             # A missing or truncated evaluation shard must not silently shrink the test set.
             raise exn
 
-        for sample in read_samples(self.urls[worker::num_workers], reraise):
+        if len(self.urls) >= parts:
+            samples = read_samples(self.urls[part::parts], reraise)
+        else:
+            samples = islice(read_samples(self.urls, reraise), part, None, parts)
+        for sample in samples:
             data = image_bytes(sample, self.image_keys)
             if data is None:
                 raise ValueError(f"sample {sample.get('__key__')!r} has no image ({'/'.join(self.image_keys)})")

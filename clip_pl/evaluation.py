@@ -22,8 +22,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset, Subset
 
+from clip_pl.distributed import all_gather_uneven, raise_if_any_rank_failed, rank_and_world_size
 from clip_pl.eval_data import LabelledShards, image_folder
 from clip_pl.model import CLIP
 from clip_pl.tokenizer import Tokenizer
@@ -144,6 +146,7 @@ def build_zero_shot_classifier(
     templates: Sequence[str] = DEFAULT_TEMPLATES,
     batch_size: int = 256,
     device: str | torch.device | None = None,
+    distributed: bool = False,
 ) -> torch.Tensor:
     """Embeds every (class, template) prompt and builds the ``[D, C]`` classifier.
 
@@ -157,6 +160,8 @@ def build_zero_shot_classifier(
         templates: Prompt templates with a ``{}`` or ``{label}`` placeholder.
         batch_size: Prompts per forward pass.
         device: Where to run the text tower; defaults to the model's device.
+        distributed: Every rank of the initialised process group calls this; each embeds its
+            share of the classes and all get the whole classifier.
 
     Returns:
         Float tensor ``[D, C]`` on ``device``.
@@ -167,12 +172,26 @@ def build_zero_shot_classifier(
     if not templates:
         raise ValueError("zero-shot classification needs at least one prompt template")
     device = torch.device(device) if device is not None else _model_device(model)
-    prompts = [fill_template(t, name) for name in classnames for t in templates]
-    features = []
-    for start in range(0, len(prompts), batch_size):
-        tokens = tokenizer(prompts[start : start + batch_size]).to(device)
-        features.append(model.encode_text(tokens).float())
-    return classifier_from_text_features(torch.cat(features).view(len(classnames), len(templates), -1))
+    rank, world_size = rank_and_world_size() if distributed else (0, 1)
+    # Each rank embeds a contiguous block of classes; gathered in rank order they are in class order.
+    mine = classnames[len(classnames) * rank // world_size : len(classnames) * (rank + 1) // world_size]
+    error, weights = None, torch.empty(0, model.config.embed_dim, device=device)
+    try:
+        prompts = [fill_template(t, name) for name in mine for t in templates]
+        features = []
+        for start in range(0, len(prompts), batch_size):
+            tokens = tokenizer(prompts[start : start + batch_size]).to(device)
+            features.append(model.encode_text(tokens).float())
+        if features:
+            weights = classifier_from_text_features(torch.cat(features).view(len(mine), len(templates), -1)).T
+    except Exception as exn:
+        error = exn
+    if world_size > 1:
+        raise_if_any_rank_failed(error, device, "building the zero-shot classifier")
+        weights = all_gather_uneven(weights.contiguous())
+    elif error is not None:
+        raise error
+    return weights.T.contiguous()
 
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor, topk: Sequence[int] = (1, 5)) -> dict[str, float]:
@@ -188,17 +207,26 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor, topk: Sequence[int] = (
         labels: ``[N]`` integer class indices.
         topk: The k values to report.
     """
-    if logits.dim() != 2 or labels.shape != logits.shape[:1]:
-        raise ValueError(f"expected logits [N, C] and labels [N], got {tuple(logits.shape)} and {tuple(labels.shape)}")
     if logits.shape[0] == 0:
         raise ValueError("accuracy of an empty batch is undefined")
+    hits = topk_hits(logits, labels, topk).tolist()
+    return {f"top{k}": h / len(labels) for k, h in zip(topk, hits)}
+
+
+def topk_hits(logits: torch.Tensor, labels: torch.Tensor, topk: Sequence[int] = (1, 5)) -> torch.Tensor:
+    """How many samples are top-k hits (see ``accuracy``), per k: int64 ``[len(topk)]`` on the logits' device.
+
+    Counts add up exactly over batches and ranks, which fractions in float would not.
+    """
+    if logits.dim() != 2 or labels.shape != logits.shape[:1]:
+        raise ValueError(f"expected logits [N, C] and labels [N], got {tuple(logits.shape)} and {tuple(labels.shape)}")
     labels = labels.to(device=logits.device, dtype=torch.long)
     true_score = logits.gather(1, labels[:, None])
     class_index = torch.arange(logits.shape[1], device=logits.device)
     ahead = (logits > true_score) | ((logits == true_score) & (class_index < labels[:, None]))
     # NaN logits would compare false with everything and rank first; count them as misses.
     ranks = ahead.sum(dim=1).masked_fill(true_score.isnan().squeeze(1), _MISS)
-    return {f"top{k}": (ranks < k).sum().item() / len(labels) for k in topk}
+    return torch.stack([(ranks < k).sum() for k in topk])
 
 
 def _ranks(queries: torch.Tensor, keys: torch.Tensor, positives: torch.Tensor, chunk_size: int) -> torch.Tensor:
@@ -313,17 +341,39 @@ def run_zero_shot(
     loader: Iterable,
     topk: Sequence[int] = (1, 5),
     device: str | torch.device | None = None,
+    distributed: bool = False,
 ) -> dict[str, float]:
-    """Top-k zero-shot accuracy over a loader of ``(images, labels)`` batches."""
+    """Top-k zero-shot accuracy over a loader of ``(images, labels)`` batches.
+
+    Args:
+        model: The CLIP model.
+        classifier: ``[D, C]`` from ``build_zero_shot_classifier``.
+        loader: Batches of images and class indices.
+        topk: The k values to report.
+        device: Where to run the model; defaults to the model's device.
+        distributed: Every rank of the initialised process group calls this with its own share of
+            the images; all get the accuracy over all of them.
+    """
     device = torch.device(device) if device is not None else _model_device(model)
     classifier = classifier.to(device)
-    logits, labels = [], []
-    for images, batch_labels in loader:
-        logits.append(model.encode_image(images.to(device)).float() @ classifier)
-        labels.append(torch.as_tensor(batch_labels))
-    if not logits:
+    # Per k the hits, then the number of images: summed over batches, and over ranks.
+    counts, error = torch.zeros(len(topk) + 1, dtype=torch.int64, device=device), None
+    try:
+        for images, labels in loader:
+            logits = model.encode_image(images.to(device)).float() @ classifier
+            counts[:-1] += topk_hits(logits, torch.as_tensor(labels), topk)
+            counts[-1] += len(logits)
+    except Exception as exn:
+        error = exn
+    if distributed and rank_and_world_size()[1] > 1:
+        raise_if_any_rank_failed(error, device, "zero-shot evaluation")
+        dist.all_reduce(counts)
+    elif error is not None:
+        raise error
+    *hits, total = counts.tolist()
+    if not total:
         raise ValueError("the zero-shot data loader yielded no images")
-    return accuracy(torch.cat(logits), torch.cat(labels).to(device), topk)
+    return {f"top{k}": h / total for k, h in zip(topk, hits)}
 
 
 @torch.no_grad()
@@ -389,12 +439,17 @@ class ZeroShotTask:
     batch_size: int = 64
     num_workers: int = 0
 
-    def dataset(self, transform: Callable[[Image.Image], torch.Tensor]) -> tuple[Dataset, list[str]]:
-        """The ``(image_tensor, class_index)`` dataset and the class names."""
+    def dataset(
+        self, transform: Callable[[Image.Image], torch.Tensor], rank: int = 0, world_size: int = 1
+    ) -> tuple[Dataset, list[str]]:
+        """The ``(image_tensor, class_index)`` dataset (this rank's share of it) and the class names."""
         if _is_image_folder(self.data):
             dataset, folder_names = image_folder(self.data, transform)
+            if world_size > 1:
+                dataset = Subset(dataset, range(rank, len(dataset), world_size))
         else:
-            dataset, folder_names = LabelledShards(self.data, transform, self.label_key), None
+            dataset = LabelledShards(self.data, transform, self.label_key, rank=rank, world_size=world_size)
+            folder_names = None
         if self.classnames is None:
             if folder_names is None:
                 raise ValueError(
@@ -409,14 +464,31 @@ class ZeroShotTask:
             )
         return dataset, classnames
 
-    def evaluate(self, model: CLIP, tokenizer: Tokenizer, device: str | torch.device | None = None) -> dict[str, float]:
-        """Builds the classifier and returns top-k accuracies (fractions) keyed ``top1``, ``top5``..."""
-        dataset, classnames = self.dataset(image_transform(model.preprocess_config))
+    def evaluate(
+        self,
+        model: CLIP,
+        tokenizer: Tokenizer,
+        device: str | torch.device | None = None,
+        distributed: bool = False,
+    ) -> dict[str, float]:
+        """Builds the classifier and returns top-k accuracies (fractions) keyed ``top1``, ``top5``...
+
+        Args:
+            model: The CLIP model, in eval mode.
+            tokenizer: The model's tokenizer.
+            device: Where to run the model; defaults to the model's device.
+            distributed: Every rank of the initialised process group calls this; each embeds a
+                share of the prompts and of the images, and all return the accuracy over all images.
+        """
+        rank, world_size = rank_and_world_size() if distributed else (0, 1)
+        dataset, classnames = self.dataset(image_transform(model.preprocess_config), rank, world_size)
+        templates = resolve_templates(self.templates)
         classifier = build_zero_shot_classifier(
-            model, tokenizer, classnames, resolve_templates(self.templates), device=device
+            model, tokenizer, classnames, templates, device=device, distributed=distributed
         )
         loader = DataLoader(dataset, batch_size=self.batch_size, num_workers=self.num_workers)
-        return run_zero_shot(model, classifier, _checked_labels(loader, len(classnames)), self.topk, device)
+        checked = _checked_labels(loader, len(classnames))
+        return run_zero_shot(model, classifier, checked, self.topk, device, distributed=distributed)
 
 
 def _is_image_folder(data: str | list[str]) -> bool:

@@ -143,7 +143,7 @@ class CLIPModule(L.LightningModule):
             how a contrastive batch larger than memory is trained (OpenCLIP's ``accum_freq``
             caches features for the same purpose). BatchNorm towers see per-piece statistics.
             None: the whole batch at once.
-        zero_shot_tasks: Zero-shot classification tasks run at each validation.
+        zero_shot_tasks: Zero-shot classification tasks run at each validation, split across ranks.
         lock_image: Freeze the image tower (LiT), but its projection and its last
             ``lock_image_unlocked_groups`` parameter groups; see ``clip_pl.lock``.
         lock_image_unlocked_groups: Groups of a locked image tower, counted from the output, left trainable.
@@ -267,12 +267,10 @@ class CLIPModule(L.LightningModule):
             metrics = {"val/loss": loss_sum / count}
             metrics.update({f"val/{k}": v for k, v in retrieval_recall(images, texts).items()})
             self.log_dict(metrics, rank_zero_only=True)
-        if self.trainer.is_global_zero:
-            # Zero-shot tasks read their own data whole; rank zero runs them while the others wait.
-            for task in self.zero_shot_tasks:
-                metrics = task.evaluate(self.model, self.tokenizer, device=self.device)
-                self.log_dict({f"zeroshot/{task.name}/{k}": v for k, v in metrics.items()}, rank_zero_only=True)
-        self.trainer.strategy.barrier("zero_shot")
+        for task in self.zero_shot_tasks:
+            # Each rank embeds its share of the prompts and images; every rank gets the totals.
+            metrics = task.evaluate(self.model, self.tokenizer, device=self.device, distributed=True)
+            self.log_dict({f"zeroshot/{task.name}/{k}": v for k, v in metrics.items()}, rank_zero_only=True)
 
     def configure_optimizers(self) -> dict[str, Any]:
         o = self.optim

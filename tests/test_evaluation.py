@@ -1,14 +1,19 @@
 import io
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 import webdataset as wds
 from PIL import Image
-from tiny_clip import make_image_folder, make_model, make_tokenizer, random_image, write_checkpoint
+from tiny_clip import CONTEXT_LENGTH, make_image_folder, make_model, make_tokenizer, random_image, write_checkpoint
+from torch.utils.data import DataLoader
 
-from clip_pl import evaluate
+from clip_pl import evaluate, transforms
+from clip_pl.distributed import free_port
+from clip_pl.eval_data import LabelledShards
 from clip_pl.evaluation import (
     DEFAULT_TEMPLATES,
     ZeroShotTask,
@@ -19,6 +24,7 @@ from clip_pl.evaluation import (
     resolve_templates,
     retrieval_recall,
 )
+from clip_pl.tokenizer import Tokenizer
 from clip_pl.transforms import image_transform
 
 # ---------------------------------------------------------------- retrieval
@@ -325,3 +331,92 @@ def test_nan_features_count_as_misses():
         "text_to_image_R@10": 0.0,
     }
     assert accuracy(nan, torch.tensor([0, 1, 2, 0]), topk=(1, 5)) == {"top1": 0.0, "top5": 0.0}
+
+
+# ---------------------------------------------------------------- across ranks
+
+
+def test_labelled_shards_split_between_ranks_and_workers_yield_each_sample_once(tmp_path):
+    # 3 shards of 4, 4 and 2 samples; the label is the sample's number.
+    sizes, number = (4, 4, 2), iter(range(10))
+    for s, size in enumerate(sizes):
+        _write_shard(tmp_path / f"s-{s}.tar", [
+            {"__key__": f"{s}_{i}", "png": _png(random_image(0, (8, 8))), "cls": str(next(number))} for i in range(size)
+        ])
+    spec = str(tmp_path / "s-{0..2}.tar")
+    # Up to 3 parts (ranks x workers) read their own shards; 4 and 6 decode every 4th or 6th sample,
+    # which keeps ranks busy alike when there are fewer shards than parts.
+    per_rank = {(1, 0): [10], (2, 0): [6, 4], (1, 2): [10], (2, 2): [6, 4], (3, 2): [4, 4, 2]}
+    for (world_size, workers), counts in per_rank.items():
+        seen = []
+        for rank in range(world_size):
+            shards = LabelledShards(spec, transforms.to_uint8_tensor, rank=rank, world_size=world_size)
+            seen.append([label for _, label in DataLoader(shards, batch_size=None, num_workers=workers)])
+        assert sorted(sum(seen, [])) == list(range(10)) and [len(s) for s in seen] == counts, (world_size, workers)
+
+
+def _zero_shot_rank(rank, world_size, port, directory):
+    import datetime
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    # A short timeout: a rank left waiting in a collective fails the test instead of hanging it.
+    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=60))
+    directory = Path(directory)
+    try:
+        tokenizer = Tokenizer.from_file(directory / "tok.model", context_length=CONTEXT_LENGTH)
+        model = make_model(tokenizer)
+        out = {}
+        for name, task in _tasks(directory).items():
+            try:
+                out[name] = task.evaluate(model, tokenizer, distributed=True)
+            except Exception as exn:
+                out[name] = f"{type(exn).__name__}: {exn}"
+        out["classifier"] = build_zero_shot_classifier(model, tokenizer, CLASS_NAMES, ["a photo of a {}."], distributed=True)
+        torch.save(out, directory / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+CLASS_NAMES = [c.replace("_", " ") for c in CLASSES]
+
+
+def _tasks(directory):
+    return {
+        "folder": ZeroShotTask("folder", str(directory / "val"), templates=["a photo of a {}."], topk=(1, 2)),
+        "shards": ZeroShotTask("shards", str(directory / "s-{0..2}.tar"), CLASS_NAMES, ["a photo of a {}."], topk=(1, 2)),
+        "bad": ZeroShotTask("bad", str(directory / "bad-{0..1}.tar"), CLASS_NAMES, ["a photo of a {}."]),
+    }
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_zero_shot_across_ranks_equals_one_process(tmp_path, world_size):
+    tokenizer = make_tokenizer(tmp_path)
+    model = make_model(tokenizer)
+    root = make_image_folder(tmp_path / "val", CLASSES, per_class=5)
+    samples = [
+        {"__key__": f"{name}_{path.stem}", "png": path.read_bytes(), "cls": str(label)}
+        for label, name in enumerate(CLASSES)
+        for path in sorted((root / name).iterdir())
+    ]
+    for s in range(3):
+        _write_shard(tmp_path / f"s-{s}.tar", samples[s::3])
+    good = {"__key__": "ok", "png": _png(random_image(0)), "cls": "0"}
+    _write_shard(tmp_path / "bad-0.tar", [good])
+    _write_shard(tmp_path / "bad-1.tar", [{**good, "__key__": "bad", "cls": "7"}])  # rank 1's share only
+    expected = {name: task.evaluate(model, tokenizer) for name, task in _tasks(tmp_path).items() if name != "bad"}
+    assert expected["folder"] == expected["shards"] and 0 < expected["folder"]["top1"] < 1
+
+    torch.multiprocessing.spawn(_zero_shot_rank, args=(world_size, free_port(), str(tmp_path)), nprocs=world_size)
+    classifier = build_zero_shot_classifier(model, tokenizer, CLASS_NAMES, ["a photo of a {}."])
+    for rank in range(world_size):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        # Hit counts summed over ranks: exactly the one-process accuracy, on every rank.
+        assert got["folder"] == expected["folder"] and got["shards"] == expected["shards"]
+        torch.testing.assert_close(got["classifier"], classifier)
+        if rank == 1:
+            assert got["bad"].startswith("ValueError: class index 7 has no class name"), got["bad"]
+        else:
+            assert got["bad"] == "RuntimeError: zero-shot evaluation failed on 1 other rank(s); their error is in their log"
