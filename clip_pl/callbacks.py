@@ -7,7 +7,6 @@ from collections import deque
 from typing import Any
 
 import lightning as L
-import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from clip_pl.checkpoint import atomic_torch_save
@@ -82,10 +81,9 @@ class SkippedSamplesMonitor(L.Callback):
         if datamodule is None or not hasattr(datamodule, "skipped_counts"):
             return
         counts = datamodule.skipped_counts()
-        names = sorted(counts)
-        totals = torch.tensor([float(counts[n]) for n in names], device=pl_module.device)
-        totals = trainer.strategy.reduce(totals, reduce_op="sum")
-        pl_module.log_dict({f"data/skipped_{n}": v for n, v in zip(names, totals)}, rank_zero_only=True)
+        # Every rank logs its own counts; Lightning sums them across ranks.
+        totals = {f"data/skipped_{n}": float(counts[n]) for n in sorted(counts)}
+        pl_module.log_dict(totals, sync_dist=True, reduce_fx="sum")
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

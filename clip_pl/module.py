@@ -263,14 +263,18 @@ class CLIPModule(L.LightningModule):
         images = all_gather_uneven(torch.cat([f[0] for f in self._val_features]) if self._val_features else empty)
         texts = all_gather_uneven(torch.cat([f[1] for f in self._val_features]) if self._val_features else empty)
         self._val_features.clear()
+        metrics = {}
         if count:
             metrics = {"val/loss": loss_sum / count}
             metrics.update({f"val/{k}": v for k, v in retrieval_recall(images, texts).items()})
-            self.log_dict(metrics, rank_zero_only=True)
         for task in self.zero_shot_tasks:
             # Each rank embeds its share of the prompts and images; every rank gets the totals.
-            metrics = task.evaluate(self.model, self.tokenizer, device=self.device, distributed=True)
-            self.log_dict({f"zeroshot/{task.name}/{k}": v for k, v in metrics.items()}, rank_zero_only=True)
+            results = task.evaluate(self.model, self.tokenizer, device=self.device, distributed=True)
+            metrics.update({f"zeroshot/{task.name}/{k}": v for k, v in results.items()})
+        # Every rank holds the same whole-set values. Logged on all ranks, callbacks such as
+        # ModelCheckpoint(monitor=...) can read them; syncing by max (of equal numbers) keeps
+        # them exact and tells Lightning they need no averaging.
+        self.log_dict(metrics, sync_dist=True, reduce_fx="max")
 
     def configure_optimizers(self) -> dict[str, Any]:
         o = self.optim

@@ -138,7 +138,8 @@ def test_ddp_two_cpu_processes_through_entry_point(demo_overrides, tmp_path, tow
     assert "distributed_backend=gloo" in output and "All distributed processes registered" in output
     checkpoint = read_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
     assert checkpoint["global_step"] == 3
-    assert "val/image_to_text_R@1" in output
+    assert "val/image_to_text_R@1" in output and "zeroshot/demo_shape/top1" in output
+    assert "sync_dist=True" not in output  # Lightning's warning for epoch metrics left unsynced
 
 
 def test_local_sweep_runs_each_job(demo_overrides, tmp_path):
@@ -177,3 +178,40 @@ def test_demo_beats_chance(tmp_path_factory, tmp_path):
                          "+trainer.val_check_interval=12"])
     metrics = train.train(cfg)
     assert metrics["zeroshot/demo_colour/top1"] > 0.5
+
+
+def test_skipped_samples_are_logged_summed_over_ranks(make_tiny_shards, tmp_path):
+    import csv
+    from collections import Counter
+
+    from test_data_pipeline import _broken_shards
+
+    from clip_pl.tokenizer import train_sentencepiece
+    from data_pipelines.datamodule import ShardDataModule
+
+    spec, _ = _broken_shards(make_tiny_shards)
+    tokenizer = train_sentencepiece([f"photo {i}" for i in range(40)], tmp_path / "tok.model", vocab_size=40,
+                                    byte_fallback=False, num_threads=1)
+    # Each rank's own counts over one epoch (32 samples: 8 batches of 2 per rank), read here.
+    expected = Counter()
+    for rank in range(2):
+        dm = ShardDataModule(spec, tokenizer, batch_size=2, num_workers=1, mode="epoch", seed=0, image_size=32,
+                             max_image_pixels=10_000, rank=rank, world_size=2)
+        assert sum(1 for _ in dm.train_dataloader()) == 8
+        expected.update(dm.skipped_counts())
+    assert expected["bad_image"] >= 1 and expected["missing_caption"] >= 1
+
+    result = run_cli([
+        "data=webdataset", f"data.train_shards='{spec}'", "data.batch_size=2", "data.num_workers=1", "data.mode=epoch",
+        "+data.max_image_pixels=10000", f"tokenizer.path={tmp_path / 'tok.model'}", "model.image.image_size=32",
+        "trainer.devices=2", "trainer.strategy=ddp", "trainer.max_steps=8", "trainer.enable_progress_bar=false",
+        "+trainer.limit_val_batches=0", "logger=csv", f"run_dir={tmp_path / 'run'}",
+    ], timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "sync_dist=True" not in result.stderr  # Lightning's warning for unsynced epoch metrics
+    (metrics,) = (tmp_path / "run").rglob("metrics.csv")
+    with open(metrics) as f:
+        rows = list(csv.DictReader(f))
+    logged = {k.removeprefix("data/skipped_"): float(v) for row in rows for k, v in row.items()
+              if k.startswith("data/skipped_") and v}
+    assert logged == {k: float(v) for k, v in expected.items()}
