@@ -17,7 +17,7 @@ throughput() {
         --variants clip_pl openclip clip_pl:compile openclip:compile clip_pl:patch_dropout openclip:patch_dropout \
         2>&1 | tee "$OUT/vit_b16.txt"
     $bench --model vit_b16 --batch-size 512 --micro-batch-size 128 --warmup 3 --steps 5 --rounds 2 --breakdown-steps 1 \
-        --variants openclip clip_pl clip_pl:micro_batch 2>&1 | tee "$OUT/micro_batch.txt"
+        --variants openclip clip_pl clip_pl:micro_batch openclip:micro_batch 2>&1 | tee "$OUT/micro_batch.txt"
     $bench --model rn50 --batch-size 256 --warmup 5 --steps 20 --rounds 3 --breakdown-steps 2 \
         --variants clip_pl openclip openclip:channels_last 2>&1 | tee "$OUT/rn50.txt"
 }
