@@ -271,9 +271,9 @@ class CLIPModule(L.LightningModule):
             # Each rank embeds its share of the prompts and images; every rank gets the totals.
             results = task.evaluate(self.model, self.tokenizer, device=self.device, distributed=True)
             metrics.update({f"zeroshot/{task.name}/{k}": v for k, v in results.items()})
-        # Every rank holds the same whole-set values. Logged on all ranks, callbacks such as
-        # ModelCheckpoint(monitor=...) can read them; syncing by max (of equal numbers) keeps
-        # them exact and tells Lightning they need no averaging.
+        # Every rank holds the same whole-set values, logged on all ranks so that every rank's
+        # callbacks see them; syncing by max (of equal numbers) keeps them exact and tells
+        # Lightning they need no averaging.
         self.log_dict(metrics, sync_dist=True, reduce_fx="max")
 
     def configure_optimizers(self) -> dict[str, Any]:
