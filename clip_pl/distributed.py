@@ -6,7 +6,9 @@ code runs on one CPU process, on gloo and on NCCL.
 
 from __future__ import annotations
 
+import contextlib
 import socket
+from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
@@ -85,18 +87,24 @@ def all_gather_uneven(tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat([part[:n] for part, n in zip(parts, counts)])
 
 
-def raise_if_any_rank_failed(error: Exception | None, device: torch.device, what: str) -> None:
-    """Raises on every rank when the work before failed on any: call it on all ranks after that work.
+@contextlib.contextmanager
+def fail_together(device: torch.device, what: str, world_size: int) -> Iterator[None]:
+    """Runs the block; if it raises on any of ``world_size`` ranks, every rank raises after it.
 
-    Evaluation data can fail on one rank only (a bad label in its share); without this the others
-    would wait in the next collective until the process group times out.
+    Every rank must enter it. Evaluation data can fail on one rank only (a bad label in its
+    share); without this the others would wait in the next collective until the process group
+    times out. The failing rank raises its own error, the others one that points to it.
 
     Args:
-        error: This rank's exception, or None.
         device: Where the collective's flag lives (a CUDA device under NCCL).
-        what: The work, for the message of ranks that did not fail themselves.
+        what: The work, for the message of the ranks that did not fail themselves.
+        world_size: 1 runs the block as it is, without a collective.
     """
-    _, world_size = rank_and_world_size()
+    error = None
+    try:
+        yield
+    except Exception as exn:
+        error = exn
     if world_size > 1:
         failed = torch.tensor([error is not None], dtype=torch.int64, device=device)
         dist.all_reduce(failed)

@@ -25,7 +25,7 @@ from PIL import Image
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from clip_pl.distributed import all_gather_uneven, raise_if_any_rank_failed, rank_and_world_size
+from clip_pl.distributed import all_gather_uneven, fail_together, rank_and_world_size
 from clip_pl.eval_data import LabelledShards, image_folder
 from clip_pl.model import CLIP
 from clip_pl.tokenizer import Tokenizer
@@ -175,8 +175,8 @@ def build_zero_shot_classifier(
     rank, world_size = rank_and_world_size() if distributed else (0, 1)
     # Each rank embeds a contiguous block of classes; gathered in rank order they are in class order.
     mine = classnames[len(classnames) * rank // world_size : len(classnames) * (rank + 1) // world_size]
-    error, weights = None, torch.empty(0, model.config.embed_dim, device=device)
-    try:
+    weights = torch.empty(0, model.config.embed_dim, device=device)
+    with fail_together(device, "building the zero-shot classifier", world_size):
         prompts = [fill_template(t, name) for name in mine for t in templates]
         features = []
         for start in range(0, len(prompts), batch_size):
@@ -184,13 +184,8 @@ def build_zero_shot_classifier(
             features.append(model.encode_text(tokens).float())
         if features:
             weights = classifier_from_text_features(torch.cat(features).view(len(mine), len(templates), -1)).T
-    except Exception as exn:
-        error = exn
     if world_size > 1:
-        raise_if_any_rank_failed(error, device, "building the zero-shot classifier")
         weights = all_gather_uneven(weights.contiguous())
-    elif error is not None:
-        raise error
     return weights.T.contiguous()
 
 
@@ -356,20 +351,16 @@ def run_zero_shot(
     """
     device = torch.device(device) if device is not None else _model_device(model)
     classifier = classifier.to(device)
+    world_size = rank_and_world_size()[1] if distributed else 1
     # Per k the hits, then the number of images: summed over batches, and over ranks.
-    counts, error = torch.zeros(len(topk) + 1, dtype=torch.int64, device=device), None
-    try:
+    counts = torch.zeros(len(topk) + 1, dtype=torch.int64, device=device)
+    with fail_together(device, "zero-shot evaluation", world_size):
         for images, labels in loader:
             logits = model.encode_image(images.to(device)).float() @ classifier
             counts[:-1] += topk_hits(logits, torch.as_tensor(labels), topk)
             counts[-1] += len(logits)
-    except Exception as exn:
-        error = exn
-    if distributed and rank_and_world_size()[1] > 1:
-        raise_if_any_rank_failed(error, device, "zero-shot evaluation")
+    if world_size > 1:
         dist.all_reduce(counts)
-    elif error is not None:
-        raise error
     *hits, total = counts.tolist()
     if not total:
         raise ValueError("the zero-shot data loader yielded no images")
