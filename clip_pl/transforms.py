@@ -154,7 +154,8 @@ class RandomResizedCrop:
         top, left, h, w = self.params(*pixels.shape[-2:])
         # libjpeg-turbo and PIL give HWC pixels. torch's vectorised uint8 resize needs its input
         # contiguous in that layout, which a crop is not; copying the crop first is 1.1-1.4x
-        # faster than resizing the strided view (benchmarks/RESULTS.md, C). The output stays HWC in memory (see ``stack_pixels``).
+        # faster than resizing the strided view (benchmarks/RESULTS.md, C). The output stays HWC
+        # in memory (see ``stack_pixels``).
         crop = pixels[None, :, top : top + h, left : left + w].contiguous(memory_format=torch.channels_last)
         out = F.resize(crop, [self.size, self.size], self.interpolation, antialias=True)[0]
         if self.horizontal_flip and random.random() < 0.5:
@@ -167,8 +168,8 @@ def stack_pixels(images: list[torch.Tensor]) -> torch.Tensor:
 
     Training crops are HWC in memory (channels-last). ``torch.stack`` would transpose each into
     CHW, about 0.2 ms per 224 px image, a fifth of its JPEG decode; stacking the HWC views is a
-    copy (0.01-0.02 ms). The batch is then channels-last; ``CLIPModule`` sets the layout its image tower wants
-    after normalizing on the device.
+    copy (0.01-0.02 ms). The batch is then channels-last; ``CLIPModule`` sets the layout its image
+    tower wants after normalizing on the device.
     """
     hwc = [image.permute(1, 2, 0) for image in images]
     if all(x.is_contiguous() for x in hwc):

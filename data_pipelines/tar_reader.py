@@ -3,9 +3,9 @@
 ``tarfile`` spends 0.3-0.45 ms per sample on the headers of img2dataset shards (webdataset's
 ``TarWriter`` gives every member a PAX header for its float mtime, so each file costs two headers,
 each parsed field by field in Python): a third or more of a 400 px JPEG's decode time, on the
-critical path of every DataLoader worker. This reader parses only what a shard reader needs (name, size, type, and
-the ``path``/``size`` records of PAX and GNU long-name headers) and reads each file's bytes with
-one call; see benchmarks/RESULTS.md for the measured rates.
+critical path of every DataLoader worker. This reader parses only what a shard reader needs (name,
+size, type, and the ``path``/``size`` records of PAX and GNU long-name headers) and reads each
+file's bytes with one call; see benchmarks/RESULTS.md for the measured rates.
 
 It reads POSIX (ustar/PAX) and GNU tars, plain or gzip-compressed, and is stricter than
 ``tarfile``'s stream mode: a bad header checksum or a header cut short raises ``tarfile.ReadError``
