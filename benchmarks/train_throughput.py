@@ -23,6 +23,9 @@ channels-last for conv towers, ``forward_in_pieces``, ``build_optimizer`` (fused
 * ``fused`` / ``foreach`` / ``loop``: AdamW implementation instead of the default (clip_pl: fused;
   OpenCLIP: torch's default, foreach on CUDA, the per-tensor loop on CPU).
 * ``compile``: ``model.compile()`` in place (``CLIPModule(compile=True)`` for clip_pl).
+* ``autotune`` / ``cudagraphs``: with ``compile``, inductor's ``max-autotune-no-cudagraphs`` mode
+  (matrix products and fused kernels tuned per shape) or ``reduce-overhead`` mode (the compiled
+  graphs replayed as CUDA graphs), through ``model.compile(mode=...)`` on both frameworks.
 * ``channels_last``: model and images in channels-last memory format (OpenCLIP; clip_pl does it by
   itself for conv towers).
 * ``patch_dropout``: drop ``--patch-dropout`` of the image patches in training (FLIP), both frameworks.
@@ -86,7 +89,19 @@ from clip_pl.model import CLIP, create_model, list_models
 from clip_pl.module import CLIPModule, OptimizerConfig, build_optimizer, forward_in_pieces
 
 FRAMEWORKS = ("clip_pl", "openclip")
-OPTIONS = ("fused", "foreach", "loop", "compile", "channels_last", "patch_dropout", "micro_batch", "grad_checkpointing")
+OPTIONS = (
+    "fused",
+    "foreach",
+    "loop",
+    "compile",
+    "autotune",
+    "cudagraphs",
+    "channels_last",
+    "patch_dropout",
+    "micro_batch",
+    "grad_checkpointing",
+)
+COMPILE_MODES = {"autotune": "max-autotune-no-cudagraphs", "cudagraphs": "reduce-overhead"}
 # Options that change the model itself, so its FLOPs and saved activations are counted separately.
 MODEL_OPTIONS = ("patch_dropout", "grad_checkpointing")
 H100_BF16_DENSE_TFLOPS = 989.0
@@ -332,6 +347,8 @@ def parse_variant(text: str) -> tuple[str, frozenset[str]]:
         raise ValueError(f"variant {text!r}: unknown options {sorted(unknown)}; choose from {OPTIONS}")
     if len(options & {"fused", "foreach", "loop"}) > 1:
         raise ValueError(f"variant {text!r}: choose one of fused, foreach, loop")
+    if options & set(COMPILE_MODES) and not ("compile" in options and len(options & set(COMPILE_MODES)) == 1):
+        raise ValueError(f"variant {text!r}: autotune or cudagraphs (one of them) needs compile")
     return framework, options
 
 
@@ -368,17 +385,20 @@ def build_runner(
 ) -> Runner:
     framework, options = parse_variant(text)
     model = variant_model(framework, options, base, args.patch_dropout).to(device).train()
+    compile_mode = next((COMPILE_MODES[o] for o in options if o in COMPILE_MODES), None)
     module = None
     if framework == "clip_pl":
         module = CLIPModule(
             model,
             _Vocabulary(model.config.text.vocab_size),
             ClipLoss(),
-            compile="compile" in options,
+            compile="compile" in options and compile_mode is None,
             channels_last=True if "channels_last" in options else None,
             micro_batch_size=args.micro_batch_size if "micro_batch" in options else None,
         ).to(device)
         module.configure_model()  # channels-last and compile, as under the Trainer
+        if compile_mode:
+            model.compile(mode=compile_mode)  # what CLIPModule's compile does, with the mode
         optimizer = build_optimizer(
             model, OptimizerConfig(fused="fused" in options or not options & {"foreach", "loop"})
         )
@@ -396,7 +416,7 @@ def build_runner(
         # As open_clip_train's create_loss builds it for one process.
         loss = open_clip.ClipLoss(local_loss=False, gather_with_grad=False, cache_labels=True, rank=0, world_size=1)
         if "compile" in options:
-            model.compile()
+            model.compile(mode=compile_mode)
     for group in optimizer.param_groups:
         if options & {"foreach", "loop"}:
             group["foreach"] = "foreach" in options
@@ -429,14 +449,30 @@ def _flop_mapping() -> dict:
     return mapping
 
 
-def flops_per_sample(runner: Runner, batch: Batch) -> float:
-    """FLOPs of one forward + loss + backward per sample (eager model, attention included)."""
+def _op_kind(op_name: str) -> str:
+    """Matrix products, convolutions, attention or other, for an aten op's name."""
+    if "attention" in op_name:
+        return "attention"
+    if "convolution" in op_name:
+        return "conv"
+    if op_name.split(".")[-1].split("_")[0] in ("mm", "addmm", "bmm", "baddbmm", "matmul"):
+        return "matmul"
+    return "other"
+
+
+def flops_per_sample(runner: Runner, batch: Batch) -> tuple[float, dict[str, float]]:
+    """FLOPs of one forward + loss + backward per sample (eager model, attention included), in total
+    and by kind of op (``_op_kind``)."""
     images, tokens = runner.inputs(batch)
     counter = FlopCounterMode(display=False, custom_mapping=_flop_mapping())
     with counter:
         runner.forward_loss(images, tokens).backward()
     runner.optimizer.zero_grad(set_to_none=True)
-    return counter.get_total_flops() / images.shape[0]
+    by_kind: dict[str, float] = {}
+    for op, flops in counter.get_flop_counts()["Global"].items():
+        kind = _op_kind(str(op))
+        by_kind[kind] = by_kind.get(kind, 0.0) + flops / images.shape[0]
+    return counter.get_total_flops() / images.shape[0], by_kind
 
 
 def saved_activation_bytes(runner: Runner, batch: Batch) -> int:
@@ -482,20 +518,70 @@ def interleaved(runners: list[Runner], rounds: int, fn: Callable[[Runner], None]
             fn(runner)
 
 
-def profile_steps(runner: Runner, batch: Batch, steps: int, sync: Callable[[], None]) -> None:
-    """Prints the ops that took the most device time (CPU time on CPU) over ``steps`` steps."""
+# Device kernels by kind, the first matching pattern deciding (cuDNN's attention kernels also say
+# "fprop", its convolutions also say "gemm"): cuBLAS's nvjet/xmma/cutlass GEMMs and inductor's
+# matmul templates (triton_tem), inductor's fused pointwise and reduction kernels (triton_poi/red/per).
+KERNEL_KINDS = (
+    ("attention", ("sdpa", "flash", "fmha", "attention")),
+    ("conv", ("fprop", "dgrad", "wgrad", "conv")),
+    ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "triton_tem", "cublas")),
+    ("optimizer", ("adam", "multi_tensor")),
+    ("inductor fused", ("triton_",)),
+    ("copy", ("memcpy", "memset", "copy")),
+)
+
+
+def kernel_kind(name: str) -> str:
+    lowered = name.lower()
+    return next((kind for kind, patterns in KERNEL_KINDS if any(p in lowered for p in patterns)), "other")
+
+
+def profile_steps(
+    runner: Runner,
+    batch: Batch,
+    steps: int,
+    sync: Callable[[], None],
+    flops_by_kind: dict[str, float],
+    peak_tflops: float | None,
+) -> None:
+    """Prints the ops that took the most device time (CPU time on CPU) over ``steps`` steps and, on
+    CUDA, the kernel time per step by kind with the rate each kind reached on its counted FLOPs."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if runner.device.type == "cuda" else [])
+    cuda = runner.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     sync()
     with profile(activities=activities) as prof:
+        start = time.perf_counter()
         for _ in range(steps):
             runner.step(batch)
         sync()
+        wall_ms = 1000 * (time.perf_counter() - start) / steps
     runner.optimizer.zero_grad(set_to_none=True)
-    key = "self_cuda_time_total" if runner.device.type == "cuda" else "self_cpu_time_total"
+    key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
     print(f"\nprofile of {runner.name}, {steps} steps, by {key}:")
     print(prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=60))
+    if not cuda or not peak_tflops:
+        return
+    ms: dict[str, float] = {}
+    for event in prof.events():
+        if event.device_type == DeviceType.CUDA:
+            kind = kernel_kind(event.name)
+            ms[kind] = ms.get(kind, 0.0) + event.time_range.elapsed_us() / 1000 / steps
+    total = sum(ms.values())
+    samples = batch.tokens.shape[0]
+    print(f"{runner.name}: device time by kind, ms per step (wall {wall_ms:.1f} ms per step under the profiler)")
+    for kind, t in sorted(ms.items(), key=lambda kv: -kv[1]):
+        flops = flops_by_kind.get(kind)
+        rate = f"{flops * samples / (t / 1000) / 1e12:7.0f} TFLOP/s" if flops and kind != "other" else ""
+        print(f"  {kind:16s} {t:8.1f} {100 * t / total:6.1f}%  {rate}")
+    busy = sum(ms.get(k, 0.0) for k in ("matmul", "conv", "attention"))
+    counted = sum(flops_by_kind.values()) * samples
+    print(
+        f"  {'all kernels':16s} {total:8.1f}; MFU if only the matmul, conv and attention kernels ran: "
+        f"{100 * counted / (busy / 1000) / (peak_tflops * 1e12):.1f}% of {peak_tflops:g} TFLOP/s"
+    )
 
 
 def _fmt_ms(values: list[float]) -> str:
@@ -590,8 +676,10 @@ def main(argv: list[str] | None = None) -> int:
         if key in per_framework:
             continue
         probe = build_runner(key, base, device, autocast, args)
+        flops, flops_by_kind = flops_per_sample(probe, batch)
         per_framework[key] = {
-            "flops_per_sample": flops_per_sample(probe, batch),
+            "flops_per_sample": flops,
+            "flops_per_sample_by_kind": flops_by_kind,
             "saved_bytes": saved_activation_bytes(probe, batch),
         }
         del probe
@@ -663,7 +751,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"MFU relative to {peak_tflops:g} TFLOP/s")
     if args.profile:
         for runner in runners:
-            profile_steps(runner, batch, args.profile, sync)
+            flops_by_kind = per_framework[flops_key(runner)]["flops_per_sample_by_kind"]
+            profile_steps(runner, batch, args.profile, sync, flops_by_kind, peak_tflops)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(
