@@ -519,11 +519,12 @@ def interleaved(runners: list[Runner], rounds: int, fn: Callable[[Runner], None]
 
 
 # Device kernels by kind, the first matching pattern deciding (cuDNN's attention kernels also say
-# "fprop", its convolutions also say "gemm"): cuBLAS's nvjet/xmma/cutlass GEMMs and inductor's
-# matmul templates (triton_tem), inductor's fused pointwise and reduction kernels (triton_poi/red/per).
+# "fprop", its convolutions also say "gemm"; "conv" alone would catch dtype "convert" kernels):
+# cuBLAS's nvjet/xmma/cutlass GEMMs and inductor's matmul templates (triton_tem), inductor's fused
+# pointwise and reduction kernels (triton_poi/red/per).
 KERNEL_KINDS = (
     ("attention", ("sdpa", "flash", "fmha", "attention")),
-    ("conv", ("fprop", "dgrad", "wgrad", "conv")),
+    ("conv", ("fprop", "dgrad", "wgrad", "convolution", "convolve")),
     ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "triton_tem", "cublas")),
     ("optimizer", ("adam", "multi_tensor")),
     ("inductor fused", ("triton_",)),

@@ -1,12 +1,14 @@
 import math
 
 import pytest
+import timm
 import torch
 
 from clip_pl.model import (
     MAX_LOGIT_SCALE,
     MODEL_CONFIGS,
     CLIPConfig,
+    PatchProjection,
     create_model,
     get_model_config,
     list_models,
@@ -145,3 +147,43 @@ def test_replacing_the_trunk_drops_the_presets_kwargs():
     assert config.image.model_kwargs == {}
     assert get_model_config("tiny").image.model_kwargs["depth"] == 4
     assert get_model_config("tiny", image={"name": "vit_small_patch16_224", "model_kwargs": {"depth": 2}}).image.model_kwargs == {"depth": 2}
+
+
+def test_patch_projection_equals_the_convolution_it_replaces():
+    torch.manual_seed(0)
+    fast = create_model("tiny")
+    assert type(fast.image_tower.trunk.patch_embed.proj) is PatchProjection
+    slow = create_model("tiny")
+    slow.load_state_dict(fast.state_dict())
+    conv = slow.image_tower.trunk.patch_embed.proj
+    plain = torch.nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride)
+    plain.weight, plain.bias = conv.weight, conv.bias
+    slow.image_tower.trunk.patch_embed.proj = plain
+    images = torch.randn(4, 3, 64, 64)
+    for model in (fast, slow):
+        model.encode_image(images).pow(3).sum().backward()
+    assert torch.allclose(fast.encode_image(images), slow.encode_image(images), atol=1e-5)
+    for (name, a), b in zip(fast.named_parameters(), slow.parameters()):
+        if a.grad is not None:
+            assert torch.allclose(a.grad, b.grad, atol=1e-5, rtol=1e-4), name
+    # Same names and shapes as timm's own trunk: checkpoints and pretrained trunk weights still load.
+    image = fast.config.image
+    reference = timm.create_model(image.name, num_classes=0, img_size=image.image_size, **image.model_kwargs)
+    reference_shapes = {k: v.shape for k, v in reference.state_dict().items()}
+    assert {k: v.shape for k, v in fast.image_tower.trunk.state_dict().items()} == reference_shapes
+
+
+def test_patch_projection_falls_back_and_leaves_other_convolutions_alone():
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 8, 4, 4)
+    patch = PatchProjection(3, 8, 4, 4)
+    patch.load_state_dict(conv.state_dict())
+    for size in (16, 18):  # 18 is not a multiple of the patch: the convolution runs
+        x = torch.randn(2, 3, size, size)
+        assert torch.allclose(patch(x), conv(x), atol=1e-5)
+    resnet = create_model("tiny", image={"name": "resnet18", "image_size": 32})
+    assert not any(isinstance(m, PatchProjection) for m in resnet.modules())
+    overlapping = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0)
+    overlapping.patch_embed.proj = torch.nn.Conv2d(3, 192, 16, 16, padding=1)
+    PatchProjection.replace(overlapping)
+    assert type(overlapping.patch_embed.proj) is torch.nn.Conv2d
