@@ -168,7 +168,9 @@ def test_patch_projection_equals_the_convolution_it_replaces():
             assert torch.allclose(a.grad, b.grad, atol=1e-5, rtol=1e-4), name
     # Same names and shapes as timm's own trunk: checkpoints and pretrained trunk weights still load.
     image = fast.config.image
-    reference = timm.create_model(image.name, num_classes=0, img_size=image.image_size, **image.model_kwargs)
+    reference = timm.create_model(
+        image.name, pretrained=False, num_classes=0, img_size=image.image_size, **image.model_kwargs
+    )
     reference_shapes = {k: v.shape for k, v in reference.state_dict().items()}
     assert {k: v.shape for k, v in fast.image_tower.trunk.state_dict().items()} == reference_shapes
 
