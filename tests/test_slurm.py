@@ -300,7 +300,11 @@ def test_hydra_sweep_through_the_slurm_launcher_with_a_requeue_in_each_job(slurm
         train_log = (run / "train.log").read_text()
         step = int(re.findall(r"rank 0: SLURM signal SIGUSR1: saving \S+ at step (\d+) and requeueing", train_log)[0])
         # Each job ran as a SLURM task (RequeueOnSignal armed), stopped once, resumed where it stopped.
-        assert rank_lines(run / "train.log") == [
+        # Whether the stopped run logs its end before SLURM terminates it is a race: either is right.
+        stopped = f"rank 0 of 1: training stopped for requeue at step {step}"
+        lines = rank_lines(run / "train.log")
+        assert lines.count(stopped) <= 1
+        assert [line for line in lines if line != stopped] == [
             "rank 0 of 1: training from step 0; on SIGUSR1: checkpoint and requeue",
             f"rank 0 of 1: training from step {step}; on SIGUSR1: checkpoint and requeue",
             f"rank 0 of 1: training finished at step {target}",
