@@ -23,7 +23,7 @@ from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from clip_pl.callbacks import AtomicCheckpointIO, SkippedSamplesMonitor, TrainingSpeedMonitor
+from clip_pl.callbacks import AtomicCheckpointIO, SkippedSamplesMonitor
 from clip_pl.errors import USER_ERRORS, report_user_error
 from clip_pl.init import init_from_pretrained
 from clip_pl.slurm import RequeueOnSignal, check_task_layout, is_slurm_task, stopped_for_requeue
@@ -71,7 +71,7 @@ def build(cfg: DictConfig, run_dir: str) -> tuple[L.LightningModule, L.Lightning
             # last; with the counter, a resumed run would write last-v1.ckpt and resume stale.
             enable_version_counter=False,
         ),
-        TrainingSpeedMonitor(),
+        instantiate(cfg.speed_monitor),
         SkippedSamplesMonitor(),
     ]
     if cfg.pictures is not None:

@@ -52,10 +52,13 @@ on CPU only the process's RSS high-water mark exists, for all variants together.
 the bytes autograd saves for backward in one step (activations, counted exactly with
 ``saved_tensors_hooks``) are given per framework.
 
-MFU = FLOPs per sample (one forward + backward counted by ``torch.utils.flop_counter``, attention
-included, causal masking not discounted) x samples/s / peak. The peak defaults to 989 TFLOP/s
-(H100 SXM dense bf16) on CUDA; on CPU no peak is assumed and MFU is printed only with
-``--peak-tflops``.
+MFU = FLOPs per sample (one step's forward, loss and backward as run, counted by
+``torch.utils.flop_counter``: attention included, causal masking not discounted, flash attention's
+backward counted as the kernel runs it, with its recomputed scores) x samples/s / peak. The peak is
+``clip_pl.flops.dense_peak_flops`` for the GPU at bf16 (989.5 TFLOP/s on an H100 SXM); on CPU
+none is assumed and MFU is printed only with ``--peak-tflops``. Training logs ``train/mfu`` from
+model FLOPs (``clip_pl.flops.model_flops_per_sample``: no recomputation, no loss), 0.6% fewer
+than this count for ViT-B/16.
 
 Commands::
 
@@ -82,8 +85,8 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
+from clip_pl.flops import dense_peak_flops, flop_counter
 from clip_pl.loss import ClipLoss
 from clip_pl.model import CLIP, create_model, list_models
 from clip_pl.module import CLIPModule, OptimizerConfig, build_optimizer, forward_in_pieces
@@ -104,7 +107,6 @@ OPTIONS = (
 COMPILE_MODES = {"autotune": "max-autotune-no-cudagraphs", "cudagraphs": "reduce-overhead"}
 # Options that change the model itself, so its FLOPs and saved activations are counted separately.
 MODEL_OPTIONS = ("patch_dropout", "grad_checkpointing")
-H100_BF16_DENSE_TFLOPS = 989.0
 
 # Token ids of the synthetic captions (clip_pl's tokenizer layout: pad 0, bos 2, eos 3).
 PAD_ID, BOS_ID, EOS_ID = 0, 2, 3
@@ -430,25 +432,6 @@ def build_runner(
 # Measurements
 
 
-def _cpu_flash_forward(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
-    return sdpa_flop_count(query_shape, key_shape, value_shape)
-
-
-def _cpu_flash_backward(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
-    return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
-
-
-def _flop_mapping() -> dict:
-    # The flop counter knows the CUDA attention kernels but not the CPU flash kernel that
-    # scaled_dot_product_attention uses on CPU; without these, CPU counts would miss attention.
-    aten = torch.ops.aten
-    mapping = {}
-    if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):
-        mapping[aten._scaled_dot_product_flash_attention_for_cpu] = _cpu_flash_forward
-        mapping[aten._scaled_dot_product_flash_attention_for_cpu_backward] = _cpu_flash_backward
-    return mapping
-
-
 def _op_kind(op_name: str) -> str:
     """Matrix products, convolutions, attention or other, for an aten op's name."""
     if "attention" in op_name:
@@ -464,7 +447,7 @@ def flops_per_sample(runner: Runner, batch: Batch) -> tuple[float, dict[str, flo
     """FLOPs of one forward + loss + backward per sample (eager model, attention included), in total
     and by kind of op (``_op_kind``)."""
     images, tokens = runner.inputs(batch)
-    counter = FlopCounterMode(display=False, custom_mapping=_flop_mapping())
+    counter = flop_counter()
     with counter:
         runner.forward_loss(images, tokens).backward()
     runner.optimizer.zero_grad(set_to_none=True)
@@ -579,10 +562,10 @@ def profile_steps(
         print(f"  {kind:16s} {t:8.1f} {100 * t / total:6.1f}%  {rate}")
     busy = sum(ms.get(k, 0.0) for k in ("matmul", "conv", "attention"))
     counted = sum(flops_by_kind.values()) * samples
-    print(
-        f"  {'all kernels':16s} {total:8.1f}; MFU if only the matmul, conv and attention kernels ran: "
-        f"{100 * counted / (busy / 1000) / (peak_tflops * 1e12):.1f}% of {peak_tflops:g} TFLOP/s"
+    ceiling = (
+        f"{100 * counted / (busy / 1000) / (peak_tflops * 1e12):.1f}% of {peak_tflops:g} TFLOP/s" if busy else "n/a"
     )
+    print(f"  {'all kernels':16s} {total:8.1f}; MFU if only the matmul, conv and attention kernels ran: {ceiling}")
 
 
 def _fmt_ms(values: list[float]) -> str:
@@ -606,7 +589,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5, help="timed windows per variant, interleaved")
     parser.add_argument("--breakdown-steps", type=int, default=3, help="phase-timed steps per variant per round")
     parser.add_argument(
-        "--peak-tflops", type=float, help="device peak for MFU (default: 989, H100 bf16 dense, on CUDA)"
+        "--peak-tflops", type=float, help="device peak for MFU (default: clip_pl.flops.dense_peak_flops)"
     )
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
     parser.add_argument(
@@ -641,7 +624,8 @@ def main(argv: list[str] | None = None) -> int:
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    peak_tflops = args.peak_tflops if args.peak_tflops else (H100_BF16_DENSE_TFLOPS if cuda else None)
+    known_peak = dense_peak_flops(device, "bf16-mixed" if args.precision == "bf16" else "32-true")
+    peak_tflops = args.peak_tflops or (known_peak / 1e12 if known_peak else None)
 
     overrides = {"image": {"image_size": args.image_size}} if args.image_size else {}
     torch.manual_seed(args.seed)

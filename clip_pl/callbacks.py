@@ -2,22 +2,34 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from clip_pl.checkpoint import atomic_torch_save
+from clip_pl.flops import dense_peak_flops, model_flops_per_sample
+from clip_pl.model import CLIPConfig
+
+log = logging.getLogger(__name__)
 
 
 class TrainingSpeedMonitor(L.Callback):
-    """Logs samples/s (global and per device) and the time each step waited for data.
+    """Logs samples/s (global and per device), the time each step waited for data, and MFU.
 
     Step time runs from one ``on_train_batch_start`` to the next; data wait from the end of one
     batch to the start of the next, when the loader is being drained. Both are averaged over the
     last ``window`` steps so a single slow step does not dominate the curve.
+
+    Model FLOPs utilization: the model's training FLOPs per sample (``clip_pl.flops``, counted once
+    at the start) times samples/s per device, logged as ``train/model_tflops_per_device`` and, over
+    the device's dense peak, as ``train/mfu``. The peak is ``peak_tflops`` when given, else
+    ``clip_pl.flops.dense_peak_flops`` (known GPUs at 16-bit precision); without one there is no
+    ``train/mfu``.
 
     The values go straight to the loggers at the trainer's logging steps (every
     ``log_every_n_steps``), as Python floats. Through ``LightningModule.log`` every step, each float
@@ -26,17 +38,40 @@ class TrainingSpeedMonitor(L.Callback):
 
     Args:
         window: Number of steps per rolling average.
+        peak_tflops: The device's dense peak in TFLOP/s at the training precision, for MFU.
     """
 
-    def __init__(self, window: int = 20):
+    def __init__(self, window: int = 20, peak_tflops: float | None = None):
         self.window = window
-        self.on_train_start()
+        self.peak_tflops = peak_tflops
+        self._reset()
 
-    def on_train_start(self, *args: Any) -> None:
+    def _reset(self) -> None:
         self._last_start: float | None = None
         self._last_end: float | None = None
         self._steps: deque[float] = deque(maxlen=self.window)
         self._waits: deque[float] = deque(maxlen=self.window)
+        self._flops_per_sample: float | None = None
+        self._peak_flops: float | None = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._reset()
+        config = getattr(getattr(pl_module, "model", None), "config", None)
+        if not (trainer.is_global_zero and trainer.loggers and isinstance(config, CLIPConfig)):
+            return
+        self._flops_per_sample = model_flops_per_sample(config)
+        device = trainer.strategy.root_device
+        if self.peak_tflops:
+            self._peak_flops = self.peak_tflops * 1e12
+        else:
+            self._peak_flops = dense_peak_flops(device, str(trainer.precision))
+            if self._peak_flops is None and device.type == "cuda":
+                log.info(
+                    "train/mfu is not logged: the peak of %s at precision %s is not known; set its dense "
+                    "peak with speed_monitor.peak_tflops",
+                    torch.cuda.get_device_name(device),
+                    trainer.precision,
+                )
 
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
@@ -59,6 +94,11 @@ class TrainingSpeedMonitor(L.Callback):
             "train/data_wait_ms": 1000 * sum(self._waits) / len(self._waits),
             "train/data_wait_fraction": sum(self._waits) / sum(self._steps),
         }
+        if self._flops_per_sample:
+            flops = self._flops_per_sample * per_device
+            metrics["train/model_tflops_per_device"] = flops / 1e12
+            if self._peak_flops:
+                metrics["train/mfu"] = flops / self._peak_flops
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=trainer.global_step)

@@ -164,7 +164,10 @@ class PatchProjection(nn.Conv2d):
             and conv.groups == 1
         ):
             return
-        patch = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, bias=conv.bias is not None)
+        # Built on the meta device: its own parameters are replaced by the convolution's at once.
+        patch = cls(
+            conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, bias=conv.bias is not None, device="meta"
+        )
         patch.weight, patch.bias = conv.weight, conv.bias
         trunk.patch_embed.proj = patch
 

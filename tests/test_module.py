@@ -12,6 +12,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from clip_pl.callbacks import AtomicCheckpointIO, TrainingSpeedMonitor
+from clip_pl.flops import model_flops_per_sample
 from clip_pl.checkpoint import atomic_torch_save, model_from_checkpoint, read_checkpoint
 from clip_pl.loss import ClipLoss, SigLipLoss
 from clip_pl.model import create_model
@@ -298,23 +299,32 @@ class _SlowBatches(torch.utils.data.IterableDataset):
             yield images, tokens
 
 
-def test_speed_monitor_logs_throughput_and_data_wait_at_logging_steps(tokenizer, tmp_path):
+@pytest.mark.parametrize("peak_tflops", [None, 0.5])
+def test_speed_monitor_logs_throughput_data_wait_and_mfu_at_logging_steps(tokenizer, tmp_path, peak_tflops):
     from lightning.pytorch.loggers import CSVLogger
 
     trainer = L.Trainer(
         accelerator="cpu", max_steps=8, logger=CSVLogger(tmp_path, name="csv"), enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=3,
-        callbacks=[TrainingSpeedMonitor(window=2)],
+        callbacks=[TrainingSpeedMonitor(window=2, peak_tflops=peak_tflops)],
     )
-    trainer.fit(_module(tokenizer), DataLoader(_SlowBatches(), batch_size=None))
+    module = _module(tokenizer)
+    trainer.fit(module, DataLoader(_SlowBatches(), batch_size=None))
     rows = [r for r in csv.DictReader(open(tmp_path / "csv" / "version_0" / "metrics.csv")) if r["train/samples_per_sec"]]
     assert [int(r["step"]) for r in rows] == [3, 6]
+    flops_per_sample = model_flops_per_sample(module.model.config)
     for r in rows:
         wait, rate = float(r["train/data_wait_ms"]), float(r["train/samples_per_sec"])
         assert wait >= 50  # each batch took 50 ms to arrive
         assert rate <= 8 / 0.05  # so no more than 8 samples per 50 ms
         assert float(r["train/samples_per_sec_per_device"]) == rate  # one device
         assert 0 < float(r["train/data_wait_fraction"]) < 1
+        tflops = float(r["train/model_tflops_per_device"])
+        assert tflops == pytest.approx(flops_per_sample * rate / 1e12, rel=1e-6)
+        if peak_tflops is None:  # no peak is known for a CPU
+            assert not r.get("train/mfu")
+        else:
+            assert float(r["train/mfu"]) == pytest.approx(tflops / peak_tflops, rel=1e-6)
 
 
 def test_module_adds_no_buffers_for_ddp_to_broadcast(tokenizer):

@@ -1,5 +1,6 @@
 """train.py end to end: the real config, composed with overrides, on a small demo dataset."""
 
+import csv
 import os
 import subprocess
 import sys
@@ -46,14 +47,18 @@ def run_cli(args, timeout=300):
 
 @pytest.mark.parametrize("loss", ["clip", "siglip"])
 def test_few_steps_each_loss(loss, demo_overrides, tmp_path):
-    cfg = compose_train([*demo_overrides, f"loss={loss}", f"run_dir={tmp_path}", "trainer.max_steps=4"])
+    overrides = ["trainer.max_steps=4", "trainer.log_every_n_steps=2", "speed_monitor.peak_tflops=0.25"]
+    cfg = compose_train([*demo_overrides, f"loss={loss}", f"run_dir={tmp_path}", *overrides])
     metrics = train.train(cfg)
     assert torch.isfinite(torch.tensor(metrics["train/loss"]))
     checkpoint = read_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
     assert checkpoint["global_step"] == 4
     has_bias = "model.logit_bias" in checkpoint["state_dict"]
     assert has_bias == (loss == "siglip")
-    assert (tmp_path / "config.yaml").is_file() and (tmp_path / "csv" / "version_0" / "metrics.csv").is_file()
+    assert (tmp_path / "config.yaml").is_file()
+    rows = list(csv.DictReader(open(tmp_path / "csv" / "version_0" / "metrics.csv")))
+    (logged,) = [r for r in rows if r.get("train/mfu")]  # at step 2 (4 is the last step: no next batch)
+    assert float(logged["train/mfu"]) == pytest.approx(float(logged["train/model_tflops_per_device"]) / 0.25)
 
 
 class _Recorder(L.Callback):
