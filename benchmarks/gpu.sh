@@ -77,7 +77,8 @@ rows = list(csv.DictReader(open(glob.glob(f"{sys.argv[1]}/csv/version_*/metrics.
 last = [r for r in rows if r.get("train/samples_per_sec")][-10:]  # the last 100 of 300 steps
 rate = statistics.median(float(r["train/samples_per_sec"]) for r in last)
 wait = statistics.median(float(r["train/data_wait_fraction"]) for r in last)
-print(f"{sys.argv[1]}: train.py samples/s {rate:.1f} (median of logged steps {last[0]['step']}-{last[-1]['step']}), data wait {100 * wait:.1f}% of step time")
+mfu = statistics.median(float(r["train/mfu"]) for r in last)
+print(f"{sys.argv[1]}: train.py samples/s {rate:.1f}, MFU {100 * mfu:.1f}% (medians of logged steps {last[0]['step']}-{last[-1]['step']}), data wait {100 * wait:.1f}% of step time")
 PY
     done
 }
