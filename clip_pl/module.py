@@ -225,7 +225,9 @@ class CLIPModule(L.LightningModule):
             # In-batch (this rank's) image->text top-1: a cheap signal that learning happens.
             sims = out.image_features @ out.text_features.T
             acc = (sims.argmax(dim=1) == torch.arange(len(sims), device=sims.device)).float().mean()
-        self.log("train/loss", loss, prog_bar=True)
+        # Lightning reads every progress-bar value back as a Python number at each step, shown or
+        # not: on a GPU a synchronization per step, which stalls the launch of the next step.
+        self.log("train/loss", loss, prog_bar=self.trainer.progress_bar_callback is not None)
         self.log("train/acc_image_to_text", acc)
         self.log("train/logit_scale", out.logit_scale)
         if out.logit_bias is not None:

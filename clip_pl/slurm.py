@@ -21,6 +21,7 @@ from types import FrameType
 from typing import Any, Sequence
 
 import lightning as L
+import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
 
 log = logging.getLogger(__name__)
@@ -84,13 +85,16 @@ class RequeueOnSignal(L.Callback):
     compare the process id), so a worker that receives the signal neither dies nor acts.
 
     At the end of every optimizer step all ranks combine their flags with one all-reduce of a
-    single number. When any rank was signalled, every rank calls ``trainer.save_checkpoint``
+    single number, and read the result one step later: the count is copied back to the host behind
+    the all-reduce without waiting, so no step waits for the GPU to drain (reading it at once would
+    stall every step of every SLURM run). When any rank was signalled, every rank, at the same
+    step, calls ``trainer.save_checkpoint``
     (rank 0 writes, through the trainer's checkpoint IO, atomically with ``AtomicCheckpointIO``),
     rank 0 runs ``scontrol requeue`` for this job (for this task, in a job array), and the trainer
     stops. SLURM then terminates this run (SIGTERM, SIGKILL after ``KillWait``), usually before
     ``fit`` returns, and starts the same job again later; the same command finds
-    ``checkpoint_path`` and resumes. The flag is only read between training steps, so the signal
-    must come early enough for one step, a validation run and the checkpoint write. After ``fit``
+    ``checkpoint_path`` and resumes. The flags are only read between training steps, so the signal
+    must come early enough for two steps, a validation run and the checkpoint write. After ``fit``
     the signal is ignored (unless a handler was set before): arriving while the process finishes
     up, it would otherwise kill it.
 
@@ -112,6 +116,7 @@ class RequeueOnSignal(L.Callback):
         self._pid: int | None = None
         self._previous_handler: Any = None
         self._last_step = -1
+        self._vote: tuple[torch.Tensor, torch.cuda.Event | None] | None = None
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         # Runs between two Python bytecodes of whatever this process was doing: set the flag, nothing else.
@@ -123,6 +128,7 @@ class RequeueOnSignal(L.Callback):
             return
         self._pid = os.getpid()
         self._signalled = False
+        self._vote = None
         self._previous_handler = signal.signal(self.signum, self._handle)
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -160,7 +166,8 @@ class RequeueOnSignal(L.Callback):
         self._last_step = trainer.global_step
         if 0 <= trainer.max_steps <= trainer.global_step:
             return  # this was the last step: the run ends now and needs no restart
-        if not trainer.strategy.reduce_boolean_decision(self._signalled, all=False):
+        if not self._read_vote():
+            self._start_vote(trainer)
             return
         log.info(
             "rank %d: SLURM signal %s: saving %s at step %d and requeueing",
@@ -175,6 +182,35 @@ class RequeueOnSignal(L.Callback):
         trainer.should_stop = True
         if trainer.is_global_zero:
             _requeue(_this_job(), self.checkpoint_path)
+
+    def _start_vote(self, trainer: L.Trainer) -> None:
+        """Sums the ranks' flags, behind the step's work on the device, into a host tensor."""
+        device = trainer.strategy.root_device
+        cuda = device.type == "cuda"
+        flag = torch.tensor([int(self._signalled)], dtype=torch.int32)
+        # Pinned host memory: a copy from or to pageable memory would wait for the device's queue.
+        flag = flag.pin_memory() if cuda else flag
+        count = flag.to(device, non_blocking=True)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # Not trainer.strategy.reduce: Lightning's DDP reduce starts with a barrier, which waits
+            # for the device. The all-reduce itself only queues behind the step's work.
+            torch.distributed.all_reduce(count)
+        result = torch.empty(1, dtype=torch.int32, pin_memory=cuda)
+        result.copy_(count, non_blocking=True)
+        event = torch.cuda.Event() if cuda else None
+        if event is not None:
+            event.record()
+        self._vote = (result, event)
+
+    def _read_vote(self) -> bool:
+        """Whether any rank was signalled by the previous step's vote (the same answer on all ranks)."""
+        if self._vote is None:
+            return False
+        result, event = self._vote
+        self._vote = None
+        if event is not None:
+            event.synchronize()  # the previous step's end on the device: past, unless the host is a step ahead
+        return int(result.tolist()[0]) > 0
 
 
 def _this_job() -> str:

@@ -43,14 +43,15 @@ def saved_step(path: Path) -> int:
     return torch.load(path, map_location="cpu", weights_only=False)["global_step"]
 
 
-def test_signal_requeues_after_the_step_it_arrived_in_and_workers_ignore_it(tmp_path):
+def test_signal_requeues_one_step_after_the_step_it_arrived_in_and_workers_ignore_it(tmp_path):
     # The DataLoader worker that loads sample 3 signals itself early on: it must neither die (the
-    # fit would fail) nor trigger anything. The main process signals itself during batch 9.
+    # fit would fail) nor trigger anything. The main process signals itself during batch 9 (step
+    # 10); the vote taken after step 10 is read after step 11, where the run stops.
     reports, calls = fit(tmp_path, "--num-workers", "1", "--signal-batch", "9", "--worker-signal-index", "3")
-    assert reports[0]["steps"] == list(range(10))
-    assert reports[0]["global_step"] == 10
+    assert reports[0]["steps"] == list(range(11))
+    assert reports[0]["global_step"] == 11
     assert reports[0]["stopped_for_requeue"] is True
-    assert saved_step(tmp_path / "last.ckpt") == 10
+    assert saved_step(tmp_path / "last.ckpt") == 11
     assert calls == ["requeue 4242"]
     # Afterwards the signal is ignored: one arriving while the process finishes must not kill it.
     assert reports[0]["handler_after_fit"] == "SIG_IGN"
@@ -58,21 +59,23 @@ def test_signal_requeues_after_the_step_it_arrived_in_and_workers_ignore_it(tmp_
 
 
 def test_signal_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
-    # Only rank 1 is signalled (during batch 5); the max-reduce must stop both ranks after step 6,
+    # Only rank 1 is signalled (during batch 5); the summed vote must stop both ranks after step 7,
     # with one checkpoint and one requeue (rank 0's).
     reports, calls = fit(tmp_path, "--devices", "2", "--signal-rank", "1", "--signal-batch", "5")
     assert sorted(reports) == [0, 1]
     for rank in (0, 1):
-        assert reports[rank]["steps"] == list(range(6))
-        assert reports[rank]["global_step"] == 6
+        assert reports[rank]["steps"] == list(range(7))
+        assert reports[rank]["global_step"] == 7
         assert reports[rank]["stopped_for_requeue"] is True
-    assert saved_step(tmp_path / "last.ckpt") == 6
+    assert saved_step(tmp_path / "last.ckpt") == 7
     assert calls == ["requeue 4242"]
     assert [reports[rank]["handler_after_fit"] for rank in (0, 1)] == ["SIG_IGN", "SIG_IGN"]
 
 
-def test_signal_during_the_last_step_does_not_requeue(tmp_path):
-    reports, calls = fit(tmp_path, "--max-steps", "8", "--signal-batch", "7")
+@pytest.mark.parametrize("batch", [6, 7])
+def test_signal_during_the_last_two_steps_does_not_requeue(tmp_path, batch):
+    # Its vote would be read after step 9 (signal in batch 7) or after the last step 8 (batch 6).
+    reports, calls = fit(tmp_path, "--max-steps", "8", "--signal-batch", str(batch))
     assert reports[0]["global_step"] == 8
     assert reports[0]["stopped_for_requeue"] is False
     assert not (tmp_path / "last.ckpt").exists()
