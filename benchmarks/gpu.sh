@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU measurements of benchmarks/RESULTS.md, as run on the lent H100 (see RESULTS.md for the
-# environment). Usage: bash benchmarks/gpu.sh [throughput|mfu|autotune|micro_batch|profile|train|data] ; logs go to $OUT (default ./gpu-logs).
+# environment). Usage: bash benchmarks/gpu.sh [throughput|mfu|autotune|micro_batch|profile|train|step_sync|data] ; logs go to $OUT (default ./gpu-logs).
 #   throughput: train_throughput.py, clip_pl against OpenCLIP (ViT-B/16, micro-batches, RN50)
 #   mfu:        ViT-B/16 eager and compiled (also with CUDA graphs) against OpenCLIP, with device time
 #               by kernel kind (where the step's time goes, and the MFU ceiling of its matrix products)
@@ -9,6 +9,7 @@
 #   profile:    train.py compiled, with Lightning's simple profiler (where a step's time goes)
 #   train:      train.py end to end (Lightning, the real input pipeline on generated shards, bf16),
 #               eager and compiled
+#   step_sync:  train.py compiled with and without the progress bar (a wait for the GPU every step)
 #   data:       the input pipeline alone on this machine's cores
 set -euo pipefail
 OUT=${OUT:-gpu-logs}
@@ -67,19 +68,34 @@ profile() {
 
 }
 
-train() {
-    shards
-    for compile in false true; do
-        train_vit_b16 "$OUT/train_compile_$compile" module.compile=$compile 2>&1 | tail -5
-        python3 - "$OUT/train_compile_$compile" <<'PY' | tee -a "$OUT/train.txt"
+summary() {
+    # The medians of what train.py's speed monitor logged over the last 100 of its 300 steps.
+    python3 - "$1" <<'PY' | tee -a "$OUT/train.txt"
 import csv, glob, statistics, sys
 rows = list(csv.DictReader(open(glob.glob(f"{sys.argv[1]}/csv/version_*/metrics.csv")[0])))
-last = [r for r in rows if r.get("train/samples_per_sec")][-10:]  # the last 100 of 300 steps
+last = [r for r in rows if r.get("train/samples_per_sec")][-10:]
 rate = statistics.median(float(r["train/samples_per_sec"]) for r in last)
 wait = statistics.median(float(r["train/data_wait_fraction"]) for r in last)
 mfu = statistics.median(float(r["train/mfu"]) for r in last)
 print(f"{sys.argv[1]}: train.py samples/s {rate:.1f}, MFU {100 * mfu:.1f}% (medians of logged steps {last[0]['step']}-{last[-1]['step']}), data wait {100 * wait:.1f}% of step time")
 PY
+}
+
+train() {
+    shards
+    for compile in false true; do
+        train_vit_b16 "$OUT/train_compile_$compile" module.compile=$compile 2>&1 | tail -5
+        summary "$OUT/train_compile_$compile"
+    done
+}
+
+step_sync() {
+    # Compiled, with the progress bar (Lightning reads the loss back from the GPU at every step)
+    # and without (no read outside the logging steps): what one wait for the GPU per step costs.
+    shards
+    for bar in true false; do
+        train_vit_b16 "$OUT/train_bar_$bar" module.compile=true trainer.enable_progress_bar=$bar 2>&1 | tail -2
+        summary "$OUT/train_bar_$bar"
     done
 }
 
