@@ -66,9 +66,7 @@ def model_flops_per_sample(config: CLIPConfig) -> float:
     """
     plain = dataclasses.replace(
         config,
-        image=dataclasses.replace(
-            config.image, weights=None, grad_checkpointing=False, model_kwargs={**config.image.model_kwargs}
-        ),
+        image=dataclasses.replace(config.image, weights=None, grad_checkpointing=False),
         text=dataclasses.replace(config.text, grad_checkpointing=False),
     )
     batch = 2

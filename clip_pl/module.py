@@ -227,7 +227,8 @@ class CLIPModule(L.LightningModule):
             acc = (sims.argmax(dim=1) == torch.arange(len(sims), device=sims.device)).float().mean()
         # Lightning reads every progress-bar value back as a Python number at each step, shown or
         # not: on a GPU a synchronization per step, which stalls the launch of the next step.
-        self.log("train/loss", loss, prog_bar=self.trainer.progress_bar_callback is not None)
+        shown = self._trainer is not None and self._trainer.progress_bar_callback is not None
+        self.log("train/loss", loss, prog_bar=shown)
         self.log("train/acc_image_to_text", acc)
         self.log("train/logit_scale", out.logit_scale)
         if out.logit_bias is not None:

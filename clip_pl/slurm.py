@@ -86,8 +86,9 @@ class RequeueOnSignal(L.Callback):
 
     At the end of every optimizer step all ranks combine their flags with one all-reduce of a
     single number, and read the result one step later: the count is copied back to the host behind
-    the all-reduce without waiting, so no step waits for the GPU to drain (reading it at once would
-    stall every step of every SLURM run). When any rank was signalled, every rank, at the same
+    the all-reduce without waiting, so the vote makes no step wait for the GPU to drain (reading it
+    at once would, in every SLURM run of several GPUs; Lightning 2.6's own per-step SIGTERM
+    broadcast still does, see ``benchmarks/RESULTS.md``, B). When any rank was signalled, every rank, at the same
     step, calls ``trainer.save_checkpoint``
     (rank 0 writes, through the trainer's checkpoint IO, atomically with ``AtomicCheckpointIO``),
     rank 0 runs ``scontrol requeue`` for this job (for this task, in a job array), and the trainer
