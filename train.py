@@ -23,7 +23,7 @@ from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from clip_pl.callbacks import AtomicCheckpointIO, SkippedSamplesMonitor
+from clip_pl.callbacks import AtomicCheckpointIO, SkippedSamplesMonitor, StopOnSigterm
 from clip_pl.errors import USER_ERRORS, report_user_error
 from clip_pl.init import init_from_pretrained
 from clip_pl.slurm import RequeueOnSignal, check_task_layout, is_slurm_task, stopped_for_requeue
@@ -73,6 +73,7 @@ def build(cfg: DictConfig, run_dir: str) -> tuple[L.LightningModule, L.Lightning
         ),
         instantiate(cfg.speed_monitor),
         SkippedSamplesMonitor(),
+        StopOnSigterm(),
     ]
     if cfg.pictures is not None:
         callbacks.append(instantiate(cfg.pictures))

@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import time
 from collections import deque
+from types import FrameType
 from typing import Any
 
 import lightning as L
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from clip_pl.checkpoint import atomic_torch_save
+from clip_pl.distributed import DeferredSum
 from clip_pl.flops import dense_peak_flops, model_flops_per_sample
 from clip_pl.model import CLIPConfig
 
@@ -107,6 +112,68 @@ class TrainingSpeedMonitor(L.Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         self._last_end = time.perf_counter()
+
+
+class StopOnSigterm(L.Callback):
+    """On SIGTERM, every rank of a multi-process run stops at the same step, and no step waits for it.
+
+    Lightning 2.6 handles SIGTERM in runs of several processes by broadcasting from inside the
+    signal handler, and by broadcasting rank 0's flag before every batch and reading it with
+    ``.item()``: a wait for the device in every step of every such run (Lightning issue #21487).
+    When one rank alone is signalled, the handler's broadcast and the loop's pair up wrongly and
+    training hangs (reproduced with two gloo processes; ``benchmarks/RESULTS.md``, B).
+
+    For the training of a multi-process run this replaces both: the handler only sets a flag (and,
+    as Lightning's does, passes the signal on to the processes Lightning launched), and before
+    every batch the ranks' flags are summed with a :class:`~clip_pl.distributed.DeferredSum`
+    whose previous sum is read; when it is positive, every rank raises Lightning's
+    ``SIGTERMException`` at that same batch, the second after the signal. A single process keeps
+    Lightning's handling, which involves no collective. Nothing is saved (``RequeueOnSignal``
+    saves on SLURM's earlier warning signal).
+    """
+
+    def __init__(self) -> None:
+        self._loop: Any = None  # the patched loop while training runs
+        self._trainer: L.Trainer | None = None
+        self._pid = -1
+        self._signalled = False
+        self._flags = DeferredSum()
+        self._previous_handler: Any = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        loop = trainer.fit_loop.epoch_loop
+        # Lightning runs its per-batch SIGTERM broadcast only with several processes.
+        if trainer.world_size < 2 or not hasattr(loop, "_broadcast_sigterm_tensor"):
+            return
+        self._trainer, self._pid, self._signalled, self._flags = trainer, os.getpid(), False, DeferredSum()
+        self._previous_handler = signal.signal(signal.SIGTERM, self._handle)
+        self._loop = loop
+        loop._broadcast_sigterm_tensor = self._check
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if os.getpid() != self._pid:
+            return  # a forked DataLoader worker: the main process ends it
+        launcher = self._trainer.strategy.launcher
+        if not self._signalled and launcher is not None:
+            launcher.kill(signum)
+        self._signalled = True
+
+    def _check(self) -> None:
+        if self._flags.read():
+            raise SIGTERMException()
+        self._flags.start(int(self._signalled), self._trainer.strategy.root_device)
+
+    def _undo(self) -> None:
+        if self._loop is not None:
+            signal.signal(signal.SIGTERM, self._previous_handler)
+            del self._loop._broadcast_sigterm_tensor
+            self._loop = None
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._undo()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._undo()
 
 
 class SkippedSamplesMonitor(L.Callback):

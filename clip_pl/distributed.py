@@ -87,6 +87,44 @@ def all_gather_uneven(tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat([part[:n] for part, n in zip(parts, counts)])
 
 
+class DeferredSum:
+    """An integer summed over all ranks now and read one training step later, without a wait.
+
+    Reading a device value at once (``.item()``) waits until the device has run everything queued
+    before it, the whole step, so the host cannot queue the next step meanwhile. ``start`` copies
+    the value in from pinned memory, all-reduces it behind the step's work, copies the sum back into
+    pinned memory and records an event; ``read``, a step later, waits for that event only, which the
+    device has normally passed by then. Every rank must call ``start`` the same number of times.
+    """
+
+    def __init__(self) -> None:
+        self._pending: tuple[torch.Tensor, torch.cuda.Event | None] | None = None
+
+    def start(self, value: int, device: torch.device) -> None:
+        """Starts summing ``value`` over ranks on ``device``; a pending sum is dropped."""
+        cuda = device.type == "cuda"
+        # From and to pinned memory: a copy with pageable host memory would wait for the device.
+        value_on_device = torch.tensor([value], dtype=torch.int64, pin_memory=cuda).to(device, non_blocking=True)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(value_on_device)  # no barrier first: that would wait for the device
+        total = torch.empty(1, dtype=torch.int64, pin_memory=cuda)
+        total.copy_(value_on_device, non_blocking=True)
+        event = torch.cuda.Event() if cuda else None
+        if event is not None:
+            event.record()
+        self._pending = (total, event)
+
+    def read(self) -> int:
+        """The sum last started (the same on every rank), or 0 when none is pending; clears it."""
+        if self._pending is None:
+            return 0
+        total, event = self._pending
+        self._pending = None
+        if event is not None:
+            event.synchronize()
+        return int(total.tolist()[0])
+
+
 @contextlib.contextmanager
 def fail_together(device: torch.device, what: str, world_size: int) -> Iterator[None]:
     """Runs the block; if it raises on any of ``world_size`` ranks, every rank raises after it.

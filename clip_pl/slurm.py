@@ -21,8 +21,9 @@ from types import FrameType
 from typing import Any, Sequence
 
 import lightning as L
-import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
+
+from clip_pl.distributed import DeferredSum
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +118,7 @@ class RequeueOnSignal(L.Callback):
         self._pid: int | None = None
         self._previous_handler: Any = None
         self._last_step = -1
-        self._vote: tuple[torch.Tensor, torch.cuda.Event | None] | None = None
+        self._vote = DeferredSum()
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         # Runs between two Python bytecodes of whatever this process was doing: set the flag, nothing else.
@@ -129,7 +130,7 @@ class RequeueOnSignal(L.Callback):
             return
         self._pid = os.getpid()
         self._signalled = False
-        self._vote = None
+        self._vote = DeferredSum()
         self._previous_handler = signal.signal(self.signum, self._handle)
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -167,8 +168,8 @@ class RequeueOnSignal(L.Callback):
         self._last_step = trainer.global_step
         if 0 <= trainer.max_steps <= trainer.global_step:
             return  # this was the last step: the run ends now and needs no restart
-        if not self._read_vote():
-            self._start_vote(trainer)
+        if not self._vote.read():
+            self._vote.start(int(self._signalled), trainer.strategy.root_device)
             return
         log.info(
             "rank %d: SLURM signal %s: saving %s at step %d and requeueing",
@@ -183,35 +184,6 @@ class RequeueOnSignal(L.Callback):
         trainer.should_stop = True
         if trainer.is_global_zero:
             _requeue(_this_job(), self.checkpoint_path)
-
-    def _start_vote(self, trainer: L.Trainer) -> None:
-        """Sums the ranks' flags, behind the step's work on the device, into a host tensor."""
-        device = trainer.strategy.root_device
-        cuda = device.type == "cuda"
-        flag = torch.tensor([int(self._signalled)], dtype=torch.int32)
-        # Pinned host memory: a copy from or to pageable memory would wait for the device's queue.
-        flag = flag.pin_memory() if cuda else flag
-        count = flag.to(device, non_blocking=True)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            # Not trainer.strategy.reduce: Lightning's DDP reduce starts with a barrier, which waits
-            # for the device. The all-reduce itself only queues behind the step's work.
-            torch.distributed.all_reduce(count)
-        result = torch.empty(1, dtype=torch.int32, pin_memory=cuda)
-        result.copy_(count, non_blocking=True)
-        event = torch.cuda.Event() if cuda else None
-        if event is not None:
-            event.record()
-        self._vote = (result, event)
-
-    def _read_vote(self) -> bool:
-        """Whether any rank was signalled by the previous step's vote (the same answer on all ranks)."""
-        if self._vote is None:
-            return False
-        result, event = self._vote
-        self._vote = None
-        if event is not None:
-            event.synchronize()  # the previous step's end on the device: past, unless the host is a step ahead
-        return int(result.tolist()[0]) > 0
 
 
 def _this_job() -> str:

@@ -72,6 +72,34 @@ def test_signal_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
     assert [reports[rank]["handler_after_fit"] for rank in (0, 1)] == ["SIG_IGN", "SIG_IGN"]
 
 
+@pytest.mark.parametrize("rank", [0, 1])
+def test_sigterm_on_one_rank_stops_every_rank_at_the_same_step(tmp_path, rank):
+    # Lightning's own handling hangs here when rank 1 alone is signalled. StopOnSigterm: the flags
+    # summed before batch 6 are read before batch 7, where every rank raises SIGTERMException.
+    # Strategy ddp (processes started as scripts, as under SLURM): ddp_fork's parent would wait for a
+    # result the stopped ranks never send.
+    reports, calls = fit(
+        tmp_path, "--devices", "2", "--strategy", "ddp", "--signal", "SIGTERM", "--signal-rank", str(rank),
+        "--signal-batch", "5",
+    )  # fmt: skip
+    assert sorted(reports) == [0, 1]
+    for r in (0, 1):
+        assert reports[r]["steps"] == list(range(7))
+        assert reports[r]["exception"] == "SIGTERMException"
+        assert reports[r]["stopped_for_requeue"] is False
+    assert calls == [] and not (tmp_path / "last.ckpt").exists()
+
+
+def test_no_step_reads_a_tensor_with_two_processes(tmp_path):
+    # Lightning's per-batch SIGTERM broadcast would read one in every step (StopOnSigterm replaces it);
+    # RequeueOnSignal's vote reads none either.
+    reports, _ = fit(tmp_path, "--devices", "2", "--max-steps", "12")
+    for r in (0, 1):
+        assert reports[r]["global_step"] == 12
+        assert sorted(map(int, reports[r]["reads"])) == list(range(1, 12))
+        assert set(reports[r]["reads"].values()) == {0}
+
+
 @pytest.mark.parametrize("batch", [6, 7])
 def test_signal_during_the_last_two_steps_does_not_requeue(tmp_path, batch):
     # Its vote would be read after step 9 (signal in batch 7) or after the last step 8 (batch 6).

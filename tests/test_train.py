@@ -9,10 +9,10 @@ import lightning as L
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from torch.overrides import TorchFunctionMode
 
 import train
 from clip_pl.checkpoint import read_checkpoint
+from reads_probe import ReadsPerStep
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONF = os.path.join(ROOT, "conf")
@@ -175,55 +175,16 @@ def test_unknown_timm_model_suggests(demo_overrides, tmp_path):
     assert "vit_base_patch16_clip_224" in result.stderr
 
 
-class _TensorReads(TorchFunctionMode):
-    """Counts tensor values read into Python: on a GPU each read waits for all queued work."""
-
-    READS = frozenset(
-        ["item", "tolist", "numpy", "cpu", "nonzero", "equal", "allclose"]
-        + ["__bool__", "__float__", "__int__", "__index__", "__format__"]
-    )
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        self.count += getattr(func, "__name__", "") in self.READS
-        return func(*args, **(kwargs or {}))
-
-
-class _ReadsPerStep(L.Callback):
-    """Tensor reads from one on_train_batch_start to the next (all of Lightning's loop for a step),
-    keyed by the global step at the window's end."""
-
-    def __init__(self):
-        self.reads, self._mode = {}, None
-
-    def _close(self, step):
-        if self._mode is not None:
-            self._mode.__exit__(None, None, None)
-            self.reads[step] = self._mode.count
-            self._mode = None
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self._close(trainer.global_step)
-        self._mode = _TensorReads()
-        self._mode.__enter__()
-
-    def on_train_end(self, trainer, pl_module):
-        self._close(None)
-
-
 def test_training_steps_read_no_tensor_values_but_to_log(demo_overrides, tmp_path):
     # A per-step read keeps the host from queueing the next step while the GPU runs this one.
     # Lightning reads progress-bar values at every step, so the loss goes there only with a bar.
     cfg = compose_train([*demo_overrides, f"run_dir={tmp_path}", "trainer.max_steps=9", "trainer.log_every_n_steps=4"])
     module, datamodule, trainer = train.build(cfg, str(tmp_path))
-    probe = _ReadsPerStep()
+    probe = ReadsPerStep()
     trainer.callbacks.append(probe)
     trainer.fit(module, datamodule=datamodule)
-    assert sorted(step for step in probe.reads if step is not None) == list(range(1, 9))
-    assert {step for step, n in probe.reads.items() if n and step is not None} == {4, 8}  # the logging steps
+    assert sorted(probe.reads) == list(range(1, 9))
+    assert {step for step, n in probe.reads.items() if n} == {4, 8}  # the logging steps
 
     cfg = compose_train([*demo_overrides, f"run_dir={tmp_path / 'bar'}", "trainer.max_steps=2",
                          "trainer.enable_progress_bar=true"])  # fmt: skip
