@@ -12,8 +12,8 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from clip_pl.callbacks import AtomicCheckpointIO, TrainingSpeedMonitor
-from clip_pl.flops import model_flops_per_sample
 from clip_pl.checkpoint import atomic_torch_save, model_from_checkpoint, read_checkpoint
+from clip_pl.flops import model_flops_per_sample
 from clip_pl.loss import ClipLoss, SigLipLoss
 from clip_pl.model import create_model
 from clip_pl.module import (
