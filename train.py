@@ -20,6 +20,7 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.plugins.environments import SLURMEnvironment
+from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
@@ -88,23 +89,19 @@ def build(cfg: DictConfig, run_dir: str) -> tuple[L.LightningModule, L.Lightning
         check_task_layout(trainer_cfg.devices, trainer_cfg.num_nodes)
         callbacks.append(RequeueOnSignal(os.path.join(run_dir, "checkpoints", "last.ckpt")))
         plugins.append(SLURMEnvironment(auto_requeue=False))
+    make_trainer = instantiate(trainer_cfg, _partial_=True)
+    kwargs = dict(logger=loggers or False, callbacks=callbacks, plugins=plugins, default_root_dir=run_dir)
+    trainer = make_trainer(**kwargs)
     if (
         HydraConfig.initialized()
         and HydraConfig.get().mode == RunMode.MULTIRUN
-        and trainer_cfg.strategy == "ddp"
-        and not on_slurm
+        and isinstance(trainer.strategy.launcher, _SubprocessScriptLauncher)
     ):
-        # Plain DDP re-launches sys.argv, which would restart the whole sweep in every child
-        # (not under SLURM, where srun starts the ranks of each sweep job).
-        trainer_cfg = OmegaConf.merge(trainer_cfg, {"strategy": "ddp_spawn"})
+        # This launcher starts the other local ranks by re-running the command line: its child would
+        # run the whole sweep beside this process, in step only while every job has the same devices.
+        # (Under SLURM or torchrun, which start the ranks themselves, there is no launcher.)
+        trainer = make_trainer(**kwargs, strategy="ddp_spawn")
         log.info("sweep job: using strategy=ddp_spawn instead of ddp")
-    trainer = instantiate(
-        trainer_cfg,
-        logger=loggers or False,
-        callbacks=callbacks,
-        plugins=plugins,
-        default_root_dir=run_dir,
-    )
     return module, datamodule, trainer
 
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU measurements of benchmarks/RESULTS.md, as run on the lent H100 (see RESULTS.md for the
-# environment). Usage: bash benchmarks/gpu.sh [throughput|mfu|autotune|micro_batch|profile|train|step_sync|data] ; logs go to $OUT (default ./gpu-logs).
+# environment). Usage: bash benchmarks/gpu.sh [throughput|mfu|autotune|micro_batch|profile|train|step_sync|one_gpu_ddp|data] ; logs go to $OUT (default ./gpu-logs).
 #   throughput: train_throughput.py, clip_pl against OpenCLIP (ViT-B/16, micro-batches, RN50)
 #   mfu:        ViT-B/16 eager and compiled (also with CUDA graphs) against OpenCLIP, with device time
 #               by kernel kind (where the step's time goes, and the MFU ceiling of its matrix products)
@@ -10,6 +10,7 @@
 #   train:      train.py end to end (Lightning, the real input pipeline on generated shards, bf16),
 #               eager and compiled
 #   step_sync:  train.py compiled with and without the progress bar (a wait for the GPU every step)
+#   one_gpu_ddp: train.py compiled on one GPU inside DDP and without it
 #   data:       the input pipeline alone on this machine's cores
 set -euo pipefail
 OUT=${OUT:-gpu-logs}
@@ -96,6 +97,16 @@ step_sync() {
     for bar in true false; do
         train_vit_b16 "$OUT/train_bar_$bar" module.compile=true trainer.enable_progress_bar=$bar 2>&1 | tail -2
         summary "$OUT/train_bar_$bar"
+    done
+}
+
+one_gpu_ddp() {
+    # Compiled, on one GPU, inside DDP (what trainer=gpu did before the seventh session: a gradient
+    # copy through DDP's buckets, the model compiled as one graph per bucket) and without it.
+    shards
+    for strategy in ddp auto; do
+        train_vit_b16 "$OUT/train_strategy_$strategy" module.compile=true trainer.strategy=$strategy 2>&1 | tail -2
+        summary "$OUT/train_strategy_$strategy"
     done
 }
 

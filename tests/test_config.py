@@ -62,3 +62,13 @@ def test_user_facing_keys_exist():
                 "trainer.num_nodes", "trainer.precision", "seed", "run_dir"):
         parent, _, leaf = key.rpartition(".")
         assert leaf in (OmegaConf.select(cfg, parent) if parent else cfg).keys(), key
+
+
+@pytest.mark.parametrize("devices, strategy", [(1, "SingleDeviceStrategy"), (2, "DDPStrategy")])
+def test_gpu_trainer_wraps_in_ddp_only_several_devices(devices, strategy):
+    # DDP around one GPU copies every gradient through its buckets and splits the compiled model
+    # into a graph per bucket. The GPU config on CPU, with what only a GPU has replaced.
+    cfg = compose_train(["trainer=gpu", "trainer.accelerator=cpu", f"trainer.devices={devices}",
+                         "trainer.precision=32-true"])
+    trainer = instantiate(cfg.trainer, logger=False)
+    assert type(trainer.strategy).__name__ == strategy

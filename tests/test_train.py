@@ -149,9 +149,12 @@ def test_ddp_two_cpu_processes_through_entry_point(demo_overrides, tmp_path, tow
 
 
 def test_local_sweep_runs_each_job(demo_overrides, tmp_path):
+    # Two devices: strategy=auto picks DDP, whose launcher re-runs the command line (the whole sweep);
+    # sweep jobs spawn their ranks instead.
     result = run_cli(["-m", *demo_overrides, f"run_dir={tmp_path}", "optim.lr=1e-4,3e-4", "trainer.max_steps=2",
-                      "+trainer.limit_val_batches=0"])
+                      "+trainer.limit_val_batches=0", "trainer.devices=2"])
     assert result.returncode == 0, result.stderr[-3000:]
+    assert (result.stdout + result.stderr).count("sweep job: using strategy=ddp_spawn") == 2
     for job, lr in (("0", 1e-4), ("1", 3e-4)):
         assert f"optim.lr={lr:g}" in (tmp_path / job / ".hydra" / "overrides.yaml").read_text()
         checkpoint = read_checkpoint(tmp_path / job / "checkpoints" / "last.ckpt")
