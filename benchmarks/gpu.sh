@@ -82,33 +82,25 @@ print(f"{sys.argv[1]}: train.py samples/s {rate:.1f}, MFU {100 * mfu:.1f}% (medi
 PY
 }
 
-train() {
+compare() {  # compare KEY VALUE... : train.py compiled, once per value of the override KEY
+    local key=$1
+    shift
     shards
-    for compile in false true; do
-        train_vit_b16 "$OUT/train_compile_$compile" module.compile=$compile 2>&1 | tail -5
-        summary "$OUT/train_compile_$compile"
+    for value in "$@"; do
+        train_vit_b16 "$OUT/train_${key##*.}_$value" module.compile=true "$key=$value" 2>&1 | tail -2
+        summary "$OUT/train_${key##*.}_$value"
     done
 }
 
-step_sync() {
-    # Compiled, with the progress bar (Lightning reads the loss back from the GPU at every step)
-    # and without (no read outside the logging steps): what one wait for the GPU per step costs.
-    shards
-    for bar in true false; do
-        train_vit_b16 "$OUT/train_bar_$bar" module.compile=true trainer.enable_progress_bar=$bar 2>&1 | tail -2
-        summary "$OUT/train_bar_$bar"
-    done
-}
+train() { compare module.compile false true; }
 
-one_gpu_ddp() {
-    # Compiled, on one GPU, inside DDP (what trainer=gpu did before the seventh session: a gradient
-    # copy through DDP's buckets, the model compiled as one graph per bucket) and without it.
-    shards
-    for strategy in ddp auto; do
-        train_vit_b16 "$OUT/train_strategy_$strategy" module.compile=true trainer.strategy=$strategy 2>&1 | tail -2
-        summary "$OUT/train_strategy_$strategy"
-    done
-}
+# With the progress bar, Lightning reads the loss back from the GPU at every step; without it
+# there is no read outside the logging steps: what one wait for the GPU per step costs.
+step_sync() { compare trainer.enable_progress_bar true false; }
+
+# One GPU inside DDP (what trainer=gpu did before the seventh session: gradients copied through
+# DDP's buckets, the model compiled as one graph per bucket) and without it.
+one_gpu_ddp() { compare trainer.strategy ddp auto; }
 
 data() {
     python3 benchmarks/data_throughput.py --workers 1 4 8 --pipelines clip_pl openclip --rounds 2 --batches 20 \
