@@ -228,7 +228,7 @@ class _Tally:
         self.in_a_row[kind] = self.in_a_row.get(kind, 0) + 1
         if sum(self.in_a_row.values()) >= _MAX_FAILURES_IN_A_ROW:
             counts = ", ".join(f"{k}={v}" for k, v in self.in_a_row.items())
-            raise RuntimeError(
+            raise ValueError(
                 f"{_MAX_FAILURES_IN_A_ROW} samples in a row were unusable ({counts}; last error: "
                 f"{self.last_error!r}); check caption_key, image_keys and the shards"
             )
@@ -351,7 +351,7 @@ class ShardStream(IterableDataset):
                 yield from block[drop:]
                 drop = 0
             if seen == 0 and offset == 0:
-                raise RuntimeError(
+                raise ValueError(
                     f"no readable sample in this worker's part of epoch {epoch} "
                     f"({len(pieces)} shards, first {pieces[0][0]}; last error: {tally.last_error!r})"
                 )
@@ -371,7 +371,7 @@ class ShardStream(IterableDataset):
                     yield sample
                 empty_in_a_row = 0 if count else empty_in_a_row + 1
                 if empty_in_a_row >= _MAX_EMPTY_SHARDS_IN_A_ROW:
-                    raise RuntimeError(
+                    raise ValueError(
                         f"{empty_in_a_row} shards drawn in a row held no sample (last {url}; "
                         f"last error: {tally.last_error!r})"
                     )

@@ -17,6 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
+from clip_pl.errors import report_user_error
 from clip_pl.model import PreprocessConfig
 from clip_pl.transforms import NormalizeImages
 from data_pipelines import pipeline
@@ -267,7 +268,10 @@ def test_wrong_caption_key_fails_fast_naming_the_keys_found(make_tiny_shards, ti
     assert time.monotonic() - start < 20
 
 
-def test_a_worker_that_only_meets_unusable_samples_stops_with_a_message(monkeypatch, make_tiny_shards, tiny_tokenizer):
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_a_worker_that_only_meets_unusable_samples_stops_with_a_message(
+    num_workers, monkeypatch, capsys, make_tiny_shards, tiny_tokenizer
+):
     # The first shard passes the start-up check; every later sample lacks its caption.
     spec, _ = make_tiny_shards([4, 30, 30])
     directory = make_tiny_shards.root / "shards"
@@ -277,10 +281,17 @@ def test_a_worker_that_only_meets_unusable_samples_stops_with_a_message(monkeypa
             del r["txt"]
         make_tiny_shards.write_tar(directory / f"{shard:05d}.tar", records)
     monkeypatch.setattr(pipeline, "_MAX_FAILURES_IN_A_ROW", 20)
-    dm = datamodule(spec, tiny_tokenizer, mode="resampled", num_workers=0, samples_per_epoch=400, seed=1)
-    with pytest.raises(RuntimeError, match=r"20 samples in a row were unusable \(missing_caption=20"):
+    dm = datamodule(spec, tiny_tokenizer, mode="resampled", num_workers=num_workers, samples_per_epoch=400, seed=1)
+    with pytest.raises(ValueError) as error:
         for _ in dm.train_dataloader():
             pass
+    # What train.py and the other tools print for it: the message alone, without the worker's traceback.
+    assert report_user_error(error.value) == 2
+    printed = capsys.readouterr().err
+    assert printed.startswith("error: 20 samples in a row were unusable (missing_caption=20; last error: SkipSample(")
+    assert printed.count("\n") == 1 and printed.endswith(
+        "check caption_key, image_keys and the shards" + (" (in a DataLoader worker)\n" if num_workers else "\n")
+    )
 
 
 def test_reads_img2dataset_layout(tmp_path, make_tiny_shards, tiny_tokenizer, read_ids):
