@@ -25,11 +25,27 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from clip_pl.callbacks import AtomicCheckpointIO, SkippedSamplesMonitor, StopOnSigterm
+from clip_pl.checkpoint import shape_differences
 from clip_pl.errors import USER_ERRORS, report_user_error
 from clip_pl.init import init_from_pretrained
 from clip_pl.slurm import RequeueOnSignal, check_task_layout, is_slurm_task, stopped_for_requeue
 
 log = logging.getLogger("clip_pl")
+
+# What to give for the config's mandatory values (??? in conf/) when one is missing.
+MISSING_HINTS = {
+    "tokenizer.path": "a SentencePiece .model; python -m data_pipelines.train_tokenizer trains one on the shards",
+    "data.train_shards": "\"data.train_shards='/data/{00000..00099}.tar'\" or a directory of shards",
+    "init.from_checkpoint": "a clip_pl .ckpt or exported .safetensors to start from",
+}
+
+
+def check_nothing_missing(cfg: DictConfig) -> None:
+    """Raises ValueError naming every mandatory value (``???``) the command did not set."""
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        keys = "; ".join(f"{key} ({MISSING_HINTS[key]})" if key in MISSING_HINTS else key for key in missing)
+        raise ValueError(f"set on the command line: {keys}")
 
 
 def run_directory(cfg: DictConfig) -> str:
@@ -39,6 +55,7 @@ def run_directory(cfg: DictConfig) -> str:
 
 def build(cfg: DictConfig, run_dir: str) -> tuple[L.LightningModule, L.LightningDataModule, L.Trainer]:
     """Instantiates tokenizer, model, data, loss, module, loggers, callbacks and trainer."""
+    check_nothing_missing(cfg)
     L.seed_everything(cfg.seed, workers=True)
     if cfg.prepare_data is not None:
         instantiate(cfg.prepare_data)
@@ -105,17 +122,31 @@ def build(cfg: DictConfig, run_dir: str) -> tuple[L.LightningModule, L.Lightning
     return module, datamodule, trainer
 
 
+def check_same_model(checkpoint: str, module: L.LightningModule, run_dir: str) -> None:
+    """Raises ValueError, before the run's config.yaml is overwritten, when ``checkpoint`` holds another model."""
+    differences = shape_differences(checkpoint, module)
+    if differences:
+        name, *shapes = differences[0]
+        theirs, ours = ("absent" if shape is None else list(shape) for shape in shapes)
+        raise ValueError(
+            f"{run_dir} holds a run of another model ({len(differences)} weights differ, e.g. {name}: "
+            f"{theirs} in {checkpoint}, {ours} now). To resume it, use its config "
+            f"({os.path.join(run_dir, 'config.yaml')}); for a new run, set another run_name or run_dir"
+        )
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Trains, resuming from ``<run dir>/checkpoints/last.ckpt`` when it exists; returns final metrics."""
     run_dir = run_directory(cfg)
     module, datamodule, trainer = build(cfg, run_dir)
-    if rank_zero_only.rank == 0:
-        os.makedirs(run_dir, exist_ok=True)
-        OmegaConf.save(cfg, os.path.join(run_dir, "config.yaml"), resolve=True)
     last = os.path.join(run_dir, "checkpoints", "last.ckpt")
     resume = last if os.path.isfile(last) else None
     if resume:
+        check_same_model(resume, module, run_dir)
         log.info("resuming from %s", resume)
+    if rank_zero_only.rank == 0:
+        os.makedirs(run_dir, exist_ok=True)
+        OmegaConf.save(cfg, os.path.join(run_dir, "config.yaml"), resolve=True)
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
     finally:

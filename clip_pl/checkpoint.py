@@ -59,6 +59,23 @@ def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     return checkpoint
 
 
+def shape_differences(
+    path: str | os.PathLike, module: torch.nn.Module
+) -> list[tuple[str, torch.Size | None, torch.Size | None]]:
+    """Tensors of ``module``'s state dict whose shape differs from the checkpoint's, or that only one has.
+
+    Reads shapes only: the checkpoint is memory-mapped, its data not loaded.
+
+    Returns:
+        ``(name, shape in the checkpoint, shape in the module)`` sorted by name; ``None`` where absent.
+    """
+    saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["state_dict"]
+    theirs = {name: tensor.shape for name, tensor in saved.items()}
+    ours = {name: tensor.shape for name, tensor in module.state_dict().items()}
+    names = sorted(name for name in theirs.keys() | ours.keys() if theirs.get(name) != ours.get(name))
+    return [(name, theirs.get(name), ours.get(name)) for name in names]
+
+
 def model_from_checkpoint(checkpoint: dict[str, Any]) -> tuple[CLIP, Tokenizer]:
     """Rebuilds the trained model (eval mode, on CPU) and its tokenizer from a checkpoint dict."""
     meta = checkpoint[CHECKPOINT_KEY]

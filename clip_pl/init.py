@@ -122,6 +122,11 @@ def init_from_pretrained(
             "init.image_tower and init.from_checkpoint both give the image tower; "
             "set init.towers=[text_tower] or init.image_tower=null"
         )
+    if new_token_embedding and from_checkpoint is None:
+        raise ValueError(
+            "init.new_token_embedding=true loads the text tower of init.from_checkpoint, which is not set: set "
+            "init.from_checkpoint, or init.new_token_embedding=false to train the text tower from scratch"
+        )
     if from_checkpoint is not None:
         _load_from_checkpoint(model, tokenizer, os.fspath(from_checkpoint), towers, new_token_embedding)
     if image_tower is not None:

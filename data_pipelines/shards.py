@@ -85,7 +85,10 @@ def parse_shard_spec(spec: str | Sequence[str], weights: Sequence[float] | None 
             raise ValueError(f"shard source {part!r} matches no tar file")
         missing = [u for u in urls if local_path(u) is not None and not os.path.exists(local_path(u))]
         if missing:
-            raise ValueError(f"{len(missing)} of the {len(urls)} shards of {part!r} do not exist, e.g. {missing[0]}")
+            raise ValueError(
+                f"{len(missing)} of the {len(urls)} shards of {part!r} do not exist, e.g. {missing[0]}; correct the "
+                "pattern, or give the directory to read the shards it holds"
+            )
         sources.append(ShardSource(spec=part, urls=tuple(urls), weight=None if weights is None else weights[i]))
     return sources
 

@@ -4,6 +4,7 @@ import shutil
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from test_train import compose_train, demo_overrides  # noqa: F401  (demo_overrides is a fixture)
 
 import train
@@ -110,6 +111,10 @@ def test_errors_and_resume(pretrained, demo_overrides, tmp_path):  # noqa: F811
         init_from_pretrained(model, tokenizer, from_checkpoint=str(pretrained), image_tower="open_clip.bin")
     with pytest.raises(FileNotFoundError, match="init.from_checkpoint"):
         _model([*demo_overrides, "init.from_checkpoint=/nonexistent.ckpt"], tmp_path)
+    # The fine-tuning experiment without the checkpoint it continues: not a silent start from scratch.
+    init = OmegaConf.to_container(compose_train(["experiment=finetune_new_language"]).init)
+    with pytest.raises(ValueError, match="new_token_embedding=true loads the text tower of init.from_checkpoint, wh"):
+        init_from_pretrained(model, tokenizer, **init)
     # A run that resumes takes its weights from its own last.ckpt and does not read init files.
     (tmp_path / "checkpoints").mkdir()
     shutil.copy(pretrained, tmp_path / "checkpoints" / "last.ckpt")

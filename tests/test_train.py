@@ -129,6 +129,17 @@ def test_rerunning_the_command_resumes(demo_overrides, tmp_path):
     assert "resuming from" in second.stderr + second.stdout
     assert read_checkpoint(tmp_path / "checkpoints" / "last.ckpt")["global_step"] == 5
 
+    # The same run_dir with another model: one line that says what to do, and the run's config kept.
+    config = (tmp_path / "config.yaml").read_text()
+    other = run_cli([*args, "trainer.max_steps=7", "+model.text.width=32"])
+    assert other.returncode == 2 and "Traceback" not in other.stderr
+    assert (
+        f"error: {tmp_path} holds a run of another model (" in other.stderr
+        and "weights differ, e.g. model.text_tower." in other.stderr
+        and f"To resume it, use its config ({tmp_path / 'config.yaml'}); for a new run, set another run_name" in other.stderr
+    ), other.stderr[-2000:]
+    assert (tmp_path / "config.yaml").read_text() == config
+
 
 # The demo's one val shard leaves rank 1 without validation batches. With BatchNorm buffers (resnet18)
 # DDP's buffer broadcast at the first validation forward once hung such a run. The ViT run is
@@ -168,6 +179,17 @@ def test_missing_tokenizer_is_one_clear_line(tmp_path):
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert "tokenizer model '/nonexistent' not found" in result.stderr
+
+
+def test_values_the_command_must_set_are_named_in_one_line(tmp_path):
+    result = run_cli([f"run_dir={tmp_path}", "data=webdataset"], timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.splitlines()[-1] == (
+        "error: set on the command line: data.train_shards (\"data.train_shards='/data/{00000..00099}.tar'\" or a "
+        "directory of shards); tokenizer.path (a SentencePiece .model; python -m data_pipelines.train_tokenizer "
+        "trains one on the shards)"
+    )
+    assert not os.path.exists(tmp_path / "config.yaml")
 
 
 def test_unknown_timm_model_suggests(demo_overrides, tmp_path):
