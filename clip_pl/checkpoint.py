@@ -9,11 +9,11 @@ prefix ``model.``.
 from __future__ import annotations
 
 import os
-import tempfile
 from typing import Any
 
 import torch
 
+from clip_pl.atomic import atomic_output
 from clip_pl.model import CLIP, CLIPConfig
 from clip_pl.tokenizer import Tokenizer
 
@@ -22,31 +22,9 @@ STATE_DICT_PREFIX = "model."
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` that never leaves a partial file at ``path``.
-
-    The temporary file lives in the destination directory so the final step is a same-filesystem
-    rename; it is fsynced first, and the directory after, so a crash or a SIGKILL at any moment
-    leaves either the old file or the complete new one.
-    """
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    """``torch.save`` that never leaves a partial file at ``path`` (see ``atomic_output``)."""
+    with atomic_output(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -25,11 +25,11 @@ import json
 import os
 import struct
 import sys
-import tempfile
 
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from clip_pl.atomic import atomic_output
 from clip_pl.checkpoint import model_from_checkpoint, read_checkpoint
 from clip_pl.errors import USER_ERRORS, report_user_error
 from clip_pl.model import CLIP, CLIPConfig
@@ -70,18 +70,8 @@ def export_model(model: CLIP, tokenizer: Tokenizer, path: str | os.PathLike) -> 
     }
     # safetensors stores plain contiguous buffers; views and non-contiguous tensors must be copied.
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-    os.close(fd)
-    try:
+    with atomic_output(path) as tmp:
         save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def export_checkpoint(checkpoint_path: str | os.PathLike, output: str | os.PathLike) -> None:

@@ -13,6 +13,8 @@ from collections.abc import Iterable, Sequence
 import sentencepiece as spm
 import torch
 
+from clip_pl.atomic import atomic_output
+
 # Special ids written into every model trained by ``train_sentencepiece``. sentencepiece
 # disables padding by default (pad_id=-1), so they are always set explicitly.
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
@@ -67,7 +69,7 @@ class Tokenizer:
 
     def save(self, path: str | os.PathLike) -> None:
         """Writes the SentencePiece model file (context length and lowercasing are config)."""
-        with open(path, "wb") as f:
+        with atomic_output(path) as tmp, open(tmp, "wb") as f:
             f.write(self.model_proto)
 
     def encode(self, texts: Sequence[str]) -> list[list[int]]:
@@ -131,9 +133,8 @@ def train_sentencepiece(
             if s:
                 yield s.lower() if lowercase else s
 
-    output = os.fspath(output)
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    with open(output, "wb") as writer:
+    # A failed training leaves a tokenizer already at ``output`` as it was.
+    with atomic_output(output) as tmp, open(tmp, "wb") as writer:
         spm.SentencePieceTrainer.train(
             sentence_iterator=iter(limited()),
             model_writer=writer,

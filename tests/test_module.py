@@ -4,6 +4,7 @@ import copy
 import csv
 import math
 import os
+import stat
 import time
 
 import lightning as L
@@ -121,10 +122,17 @@ def test_rng_state_round_trip():
 
 def test_atomic_save_keeps_old_file_when_interrupted(tmp_path, monkeypatch):
     path = tmp_path / "last.ckpt"
-    atomic_torch_save({"step": 1}, path)
+    old_umask = os.umask(0o027)
+    try:
+        atomic_torch_save({"step": 1}, path)
+    finally:
+        os.umask(old_umask)
+    # Readable as any new file under the umask, by the group too (a temporary file's would be 0o600).
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o640
 
     def crash(obj, f):
-        f.write(b"partial bytes")
+        with open(f, "wb") as partial:
+            partial.write(b"partial bytes")
         raise KeyboardInterrupt
 
     monkeypatch.setattr(torch, "save", crash)

@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 
@@ -83,3 +85,12 @@ def test_model_without_special_ids_is_rejected(tmp_path):
 def test_missing_file_says_how_to_train(tmp_path):
     with pytest.raises(FileNotFoundError, match="train_tokenizer"):
         Tokenizer.from_file(tmp_path / "nope.model")
+
+
+def test_failed_training_keeps_the_tokenizer_already_there(tmp_path):
+    path = tmp_path / "tok.model"
+    train_sentencepiece(ENGLISH, path, vocab_size=400)
+    before = path.read_bytes()
+    with pytest.raises(RuntimeError, match="Vocabulary size is smaller than required_chars"):
+        train_sentencepiece(ENGLISH + RUSSIAN, path, vocab_size=20, character_coverage=1.0)
+    assert path.read_bytes() == before and os.listdir(tmp_path) == ["tok.model"]
