@@ -31,8 +31,11 @@ def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     """Loads a training checkpoint without executing code from it (``weights_only=True``)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {str(path)!r} not found")
-    checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    if CHECKPOINT_KEY not in checkpoint:
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # the unpickler's KeyError, UnpicklingError, RuntimeError... for other files
+        raise ValueError(f"{str(path)!r} is not a clip_pl training checkpoint: torch.load failed ({e!r})") from e
+    if not isinstance(checkpoint, dict) or CHECKPOINT_KEY not in checkpoint:
         raise ValueError(f"{str(path)!r} is not a clip_pl training checkpoint (no {CHECKPOINT_KEY!r} entry)")
     return checkpoint
 

@@ -53,7 +53,11 @@ class Tokenizer:
                 "`python -m data_pipelines.train_tokenizer --output PATH ...`"
             )
         with open(path, "rb") as f:
-            return cls(f.read(), context_length=context_length, lowercase=lowercase)
+            proto = f.read()
+        try:
+            return cls(proto, context_length=context_length, lowercase=lowercase)
+        except RuntimeError as e:  # SentencePiece's parse error
+            raise ValueError(f"tokenizer model {str(path)!r} is not a SentencePiece model ({e})") from None
 
     @property
     def vocab_size(self) -> int:

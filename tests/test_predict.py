@@ -137,3 +137,11 @@ def test_predict_errors(setup, tmp_path, capsys, labels, image, message):
     path = images[0] if image is None else str(tmp_path / image)
     assert predict.main(["--checkpoint", str(checkpoint), "--labels", labels, path]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_checkpoint_that_is_not_one_is_one_line(setup, tmp_path, capsys):
+    _, images, _ = setup
+    (tmp_path / "notes.ckpt").write_text("hello")
+    assert predict.main(["--checkpoint", str(tmp_path / "notes.ckpt"), "--labels", "pizza,ipod", images[0]]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "notes.ckpt' is not a clip_pl training checkpoint: torch.load failed (" in err

@@ -85,6 +85,9 @@ def test_model_without_special_ids_is_rejected(tmp_path):
 def test_missing_file_says_how_to_train(tmp_path):
     with pytest.raises(FileNotFoundError, match="train_tokenizer"):
         Tokenizer.from_file(tmp_path / "nope.model")
+    (tmp_path / "notes.model").write_text("not a model")
+    with pytest.raises(ValueError, match=r"tokenizer model '.*notes.model' is not a SentencePiece model \("):
+        Tokenizer.from_file(tmp_path / "notes.model")
 
 
 def test_failed_training_keeps_the_tokenizer_already_there(tmp_path):
