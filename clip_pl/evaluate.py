@@ -88,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", action="store_true", help="print the results as JSON (fractions, not percent)")
     args = parser.parse_args(argv)
+    if args.zeroshot_folder and not os.path.isdir(args.zeroshot_folder):
+        parser.error(f"--zeroshot-folder {args.zeroshot_folder!r} is not a folder (for shards: --zeroshot-shards)")
     zero_shot_data = args.zeroshot_folder or args.zeroshot_shards
     if not zero_shot_data and not args.retrieval_shards:
         parser.error("nothing to evaluate: give --zeroshot-folder, --zeroshot-shards and/or --retrieval-shards")

@@ -304,6 +304,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace shards already in output_dir")
     args = parser.parse_args(argv)
     try:
+        if not os.path.exists(args.input):
+            raise FileNotFoundError(
+                f"input {args.input!r} not found: give a folder of name.jpg + name.txt pairs or a .csv, .tsv or "
+                ".parquet table"
+            )
         if os.path.isdir(args.input):
             pairs = pairs_from_folder(args.input)
         else:

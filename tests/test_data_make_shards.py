@@ -138,6 +138,8 @@ def test_cli_writes_shards_and_reports_errors_in_one_line(photo_folder, tmp_path
     table.write_text("file,caption\nx.png,hello\n")
     assert main([str(table), str(tmp_path / "t")]) == 2
     assert "has no column 'image' (columns: file, caption); set --image-column" in capsys.readouterr().err
+    assert main([str(tmp_path / "photos_typo"), str(tmp_path / "t")]) == 2
+    assert "photos_typo' not found: give a folder of name.jpg + name.txt pairs or a .csv" in capsys.readouterr().err
     with pytest.raises(SystemExit) as help_exit:
         main(["--help"])
     assert help_exit.value.code == 0 and "--max-size" in capsys.readouterr().out

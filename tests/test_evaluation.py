@@ -312,6 +312,11 @@ def test_evaluate_cli_needs_data(tiny, capsys):
     with pytest.raises(SystemExit):
         evaluate.main(["--checkpoint", str(tiny[2])])
     assert "nothing to evaluate" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        evaluate.main(["--checkpoint", str(tiny[2]), "--zeroshot-folder", "imagenet_typo/val"])
+    assert "--zeroshot-folder 'imagenet_typo/val' is not a folder (for shards: --zeroshot-shards)" in (
+        capsys.readouterr().err
+    )
 
 
 def test_accuracy_ties_rank_by_class_index():
