@@ -3,7 +3,7 @@
 Examples:
     python train.py                                        # demo: tiny CLIP on generated shapes, CPU
     python train.py experiment=laion400m_vit_b16 trainer.devices=8 "data.train_shards='/data/{00000..41407}.tar'"
-    python train.py -m optim.lr=1e-4,3e-4 model=tiny,rn50  # local sweep, one run dir per job
+    python train.py -m optim.lr=1e-4,3e-4 loss=clip,siglip  # local sweep, one run dir per job
 """
 
 from __future__ import annotations
