@@ -36,7 +36,6 @@ log = logging.getLogger("clip_pl")
 MISSING_HINTS = {
     "tokenizer.path": "a SentencePiece .model; python -m data_pipelines.train_tokenizer trains one on the shards",
     "data.train_shards": "\"data.train_shards='/data/{00000..00099}.tar'\" or a directory of shards",
-    "init.from_checkpoint": "a clip_pl .ckpt or exported .safetensors to start from",
 }
 
 
@@ -49,7 +48,7 @@ def check_nothing_missing(cfg: DictConfig) -> None:
 
 
 def run_directory(cfg: DictConfig) -> str:
-    """Hydra's output dir: run_dir for a single run, run_dir/<overrides> for a sweep job."""
+    """Hydra's output dir: run_dir for a single run, run_dir/<job number> for a sweep job."""
     return HydraConfig.get().runtime.output_dir if HydraConfig.initialized() else cfg.run_dir
 
 
