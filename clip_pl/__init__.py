@@ -1,7 +1,18 @@
 """clip_pl: distributed CLIP pretraining with PyTorch Lightning."""
 
-from clip_pl.api import load
+from typing import Any
+
 from clip_pl.model import CLIP, CLIPConfig, create_model, list_models
 from clip_pl.tokenizer import Tokenizer
 
 __all__ = ["CLIP", "CLIPConfig", "Tokenizer", "create_model", "list_models", "load"]
+
+
+def __getattr__(name: str) -> Any:
+    # clip_pl.api imports clip_pl.export; imported with the package, `python -m clip_pl.export`
+    # would find its module loaded already and warn (runpy's RuntimeWarning).
+    if name == "load":
+        from clip_pl.api import load
+
+        return load
+    raise AttributeError(f"module 'clip_pl' has no attribute {name!r}")

@@ -1,6 +1,8 @@
 import base64
 import json
 import random
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -130,6 +132,11 @@ def test_export_cli_reports_missing_checkpoint(tmp_path, capsys):
     assert export.main([str(tmp_path / "none.ckpt"), str(tmp_path / "out.safetensors")]) == 2
     assert "not found" in capsys.readouterr().err
     assert not (tmp_path / "out.safetensors").exists()
+    # As the README runs it: no runpy warning about clip_pl.export being imported with the package.
+    result = subprocess.run([sys.executable, "-m", "clip_pl.export", "--help"], capture_output=True, text=True,
+                            timeout=120)  # fmt: skip
+    assert result.returncode == 0 and "checkpoint output" in result.stdout
+    assert "found in sys.modules" not in result.stderr
 
 
 # ---------------------------------------------------------------- transforms
