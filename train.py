@@ -97,7 +97,7 @@ def build(cfg: DictConfig, run_dir: str) -> tuple[L.LightningModule, L.Lightning
     if loggers:
         callbacks.append(LearningRateMonitor(logging_interval="step"))
     trainer_cfg = cfg.trainer
-    plugins = [AtomicCheckpointIO()]
+    plugins = [AtomicCheckpointIO(async_save=cfg.checkpoint.async_save)]
     on_slurm = is_slurm_task()
     if on_slurm:
         # srun started every rank; RequeueOnSignal alone reacts to SLURM's signal (Lightning's own

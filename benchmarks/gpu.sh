@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU measurements of benchmarks/RESULTS.md, as run on the lent H100 (see RESULTS.md for the
-# environment). Usage: bash benchmarks/gpu.sh [throughput|mfu|autotune|micro_batch|profile|train|step_sync|one_gpu_ddp|data] ; logs go to $OUT (default ./gpu-logs).
+# environment). Usage: bash benchmarks/gpu.sh [throughput|mfu|autotune|micro_batch|profile|train|step_sync|one_gpu_ddp|checkpoint|data] ; logs go to $OUT (default ./gpu-logs).
 #   throughput: train_throughput.py, clip_pl against OpenCLIP (ViT-B/16, micro-batches, RN50)
 #   mfu:        ViT-B/16 eager and compiled (also with CUDA graphs) against OpenCLIP, with device time
 #               by kernel kind (where the step's time goes, and the MFU ceiling of its matrix products)
@@ -11,6 +11,7 @@
 #               eager and compiled
 #   step_sync:  train.py compiled with and without the progress bar (a wait for the GPU every step)
 #   one_gpu_ddp: train.py compiled on one GPU inside DDP and without it
+#   checkpoint: how long training stops to save ViT-B/16's checkpoint, in the training thread or not
 #   data:       the input pipeline alone on this machine's cores
 set -euo pipefail
 OUT=${OUT:-gpu-logs}
@@ -101,6 +102,12 @@ step_sync() { compare trainer.enable_progress_bar true false; }
 # One GPU inside DDP (what trainer=gpu did before the seventh session: gradients copied through
 # DDP's buckets, the model compiled as one graph per bucket) and without it.
 one_gpu_ddp() { compare trainer.strategy ddp auto; }
+
+checkpoint() {
+    # How long training stops to save ViT-B/16's checkpoint from the GPU: written in the training
+    # thread, and in the background after a copy to pinned host memory.
+    python3 benchmarks/checkpoint_save.py --model vit_b16 --device cuda --rounds 5 2>&1 | tee "$OUT/checkpoint.txt"
+}
 
 data() {
     python3 benchmarks/data_throughput.py --workers 1 4 8 --pipelines clip_pl openclip --rounds 2 --batches 20 \

@@ -23,6 +23,7 @@ from typing import Any, Sequence
 import lightning as L
 from lightning.fabric.plugins.environments import SLURMEnvironment
 
+from clip_pl.callbacks import AtomicCheckpointIO
 from clip_pl.distributed import DeferredSum
 
 log = logging.getLogger(__name__)
@@ -179,6 +180,8 @@ class RequeueOnSignal(L.Callback):
             trainer.global_step,
         )
         trainer.save_checkpoint(self.checkpoint_path)
+        if isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO):
+            trainer.strategy.checkpoint_io.wait()  # on disk before SLURM ends the job for the requeue
         # Set before requeueing: SLURM terminates this run right after, at any point from here on.
         self.stopped_for_requeue = True
         trainer.should_stop = True

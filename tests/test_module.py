@@ -5,6 +5,7 @@ import csv
 import math
 import os
 import stat
+import threading
 import time
 
 import lightning as L
@@ -12,6 +13,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+import clip_pl.callbacks
 from clip_pl.callbacks import AtomicCheckpointIO, TrainingSpeedMonitor
 from clip_pl.checkpoint import atomic_torch_save, model_from_checkpoint, read_checkpoint
 from clip_pl.flops import model_flops_per_sample
@@ -141,6 +143,45 @@ def test_atomic_save_keeps_old_file_when_interrupted(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert torch.load(path) == {"step": 1}
     assert os.listdir(tmp_path) == ["last.ckpt"]
+
+
+def test_async_save_writes_the_step_it_was_given_while_training_goes_on(tmp_path, monkeypatch):
+    gate, started = threading.Event(), threading.Event()
+
+    def held_save(obj, path):  # the real write, once the test lets it go
+        started.set()
+        assert gate.wait(timeout=30)
+        atomic_torch_save(obj, path)
+
+    monkeypatch.setattr(clip_pl.callbacks, "atomic_torch_save", held_save)
+    io = AtomicCheckpointIO(async_save=True)
+    weight = torch.ones(3)
+    io.save_checkpoint({"state_dict": {"w": weight}, "global_step": 6}, tmp_path / "last.ckpt")
+    assert started.wait(timeout=30)
+    # save_checkpoint has returned while the file is not written yet; training changes the weights.
+    assert not (tmp_path / "last.ckpt").exists()
+    weight.add_(1.0)
+    gate.set()
+    io.teardown()
+    saved = torch.load(tmp_path / "last.ckpt")
+    assert torch.equal(saved["state_dict"]["w"], torch.ones(3)) and saved["global_step"] == 6
+    # The next save copies into the same host buffers, after the previous write has finished.
+    monkeypatch.setattr(clip_pl.callbacks, "atomic_torch_save", atomic_torch_save)
+    io.save_checkpoint({"state_dict": {"w": weight}, "global_step": 7}, tmp_path / "step7.ckpt")
+    weight.add_(1.0)
+    io.save_checkpoint({"state_dict": {"w": weight}, "global_step": 8}, tmp_path / "last.ckpt")
+    io.wait()
+    assert torch.equal(torch.load(tmp_path / "step7.ckpt")["state_dict"]["w"], torch.full((3,), 2.0))
+    assert torch.equal(torch.load(tmp_path / "last.ckpt")["state_dict"]["w"], torch.full((3,), 3.0))
+
+    def failing_save(obj, path):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(clip_pl.callbacks, "atomic_torch_save", failing_save)
+    io.save_checkpoint({"global_step": 9}, tmp_path / "last.ckpt")
+    with pytest.raises(OSError, match="disk full"):  # the next save (or the end of training) reports it
+        io.save_checkpoint({"global_step": 10}, tmp_path / "last.ckpt")
+    assert torch.load(tmp_path / "last.ckpt")["global_step"] == 8
 
 
 def test_warmup_longer_than_training_is_warned_about(tokenizer, tmp_path):

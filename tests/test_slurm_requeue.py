@@ -27,7 +27,8 @@ def fit(tmp_path: Path, *args: str) -> tuple[dict[int, dict], list[str]]:
     bin_dir.mkdir()
     calls = tmp_path / "scontrol.calls"
     fake = bin_dir / "scontrol"
-    fake.write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
+    # It also notes whether the checkpoint was on disk when the job was requeued.
+    fake.write_text(f'#!/bin/sh\necho "$@" >> {calls}\nif test -f {tmp_path}/last.ckpt; then touch {tmp_path}/saved_before; fi\n')
     fake.chmod(0o755)
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     env.update(PATH=f"{bin_dir}:{env['PATH']}", SLURM_JOB_ID="4242", OMP_NUM_THREADS="1")
@@ -56,6 +57,13 @@ def test_signal_requeues_one_step_after_the_step_it_arrived_in_and_workers_ignor
     # Afterwards the signal is ignored: one arriving while the process finishes must not kill it.
     assert reports[0]["handler_after_fit"] == "SIG_IGN"
     assert (tmp_path / "exited_normally").exists()
+
+
+def test_a_checkpoint_written_in_the_background_is_on_disk_before_the_requeue(tmp_path):
+    reports, calls = fit(tmp_path, "--signal-batch", "9", "--async-save-delay", "1.5")
+    assert reports[0]["stopped_for_requeue"] is True and calls == ["requeue 4242"]
+    assert (tmp_path / "saved_before").exists()
+    assert saved_step(tmp_path / "last.ckpt") == 11
 
 
 def test_signal_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):

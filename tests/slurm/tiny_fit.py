@@ -22,12 +22,14 @@ import json
 import os
 import signal
 import sys
+import time
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 sys.path[:0] = [os.path.join(os.path.dirname(__file__), ".."), os.path.join(os.path.dirname(__file__), "..", "..")]
+import clip_pl.callbacks  # noqa: E402
 from clip_pl.callbacks import AtomicCheckpointIO, StopOnSigterm  # noqa: E402
 from clip_pl.slurm import RequeueOnSignal  # noqa: E402
 from reads_probe import ReadsPerStep  # noqa: E402
@@ -107,7 +109,16 @@ def main() -> None:
     parser.add_argument("--signal-rank", type=int, default=0)
     parser.add_argument("--signal-batch", type=int, default=-1)
     parser.add_argument("--worker-signal-index", type=int, default=-1)
+    parser.add_argument("--async-save-delay", type=float, help="save in the background, each write this much slower")
     args = parser.parse_args()
+    if args.async_save_delay is not None:
+        write = clip_pl.callbacks.atomic_torch_save
+
+        def slow_write(obj, path):
+            time.sleep(args.async_save_delay)
+            write(obj, path)
+
+        clip_pl.callbacks.atomic_torch_save = slow_write
     torch.set_num_threads(1)
     requeue, reads = RequeueOnSignal(os.path.join(args.out, "last.ckpt")), ReadsPerStep()
     trainer = L.Trainer(
@@ -116,7 +127,7 @@ def main() -> None:
         strategy=args.strategy if args.devices > 1 else "auto",
         max_steps=args.max_steps,
         callbacks=[requeue, StopOnSigterm(), reads, Report(args.out, requeue, reads)],
-        plugins=[AtomicCheckpointIO()],
+        plugins=[AtomicCheckpointIO(async_save=args.async_save_delay is not None)],
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
