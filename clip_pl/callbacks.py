@@ -204,7 +204,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     With ``async_save``, training waits only while the checkpoint's tensors are copied to host
     memory, a snapshot of that step; a thread then writes it. For ViT-B/16's 1.67 GiB checkpoint
-    on the CPU machine training stopped 0.17 s instead of 2.3 s (``benchmarks/checkpoint_save.py``,
+    on the CPU machine training stopped 0.14 s instead of 2.2 s (``benchmarks/checkpoint_save.py``,
     ``benchmarks/RESULTS.md``, B). The host buffers stay allocated between saves (the checkpoint's
     size, pinned when the tensors are on a GPU). One write is in flight at a time: the next save,
     a load, a removal, ``wait`` and the end of training (``teardown``) wait for it and raise its

@@ -7,7 +7,8 @@ Run in a subprocess so that a deadlock becomes a timeout instead of a hung test 
 
 Rank ``--signal-rank`` sends ``--signal`` (SIGUSR1 by default) to itself inside ``training_step`` of
 batch ``--signal-batch`` (the other ranks are not signalled); with ``--worker-signal-index I`` the
-DataLoader worker that loads sample I sends SIGUSR1 to itself. Each rank writes ``OUT/rank<r>.json``
+DataLoader worker that loads sample I sends SIGUSR1 to itself; with ``--async-save-delay S`` checkpoints
+are written in the background, each S seconds late. Each rank writes ``OUT/rank<r>.json``
 with the global steps its ``training_step`` saw, its final global step, whether it stopped for a
 requeue, the exception that ended it if any, the SIGUSR1 disposition after fit and the tensor reads
 of each step (``tests/reads_probe.py``); a single-process run then signals itself once more and, if
