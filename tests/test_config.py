@@ -57,7 +57,8 @@ def test_groups_compose(group, options):
 
 def test_user_facing_keys_exist():
     cfg = compose_train(["data=webdataset", "data.train_shards='/x/{0..1}.tar'", "trainer.devices=2", "trainer.num_nodes=3"])
-    for key in ("data.train_shards", "data.val_shards", "data.caption_key", "data.image_keys", "data.batch_size", "data.num_workers",
+    for key in ("data.train_shards", "data.val_shards", "data.caption_key", "data.image_keys", "data.batch_size",
+                "data.num_workers",
                 "data.samples_per_epoch", "tokenizer.path", "trainer.max_steps", "trainer.devices",
                 "trainer.num_nodes", "trainer.precision", "seed", "run_dir"):
         parent, _, leaf = key.rpartition(".")

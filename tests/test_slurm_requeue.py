@@ -28,7 +28,8 @@ def fit(tmp_path: Path, *args: str) -> tuple[dict[int, dict], list[str]]:
     calls = tmp_path / "scontrol.calls"
     fake = bin_dir / "scontrol"
     # It also notes whether the checkpoint was on disk when the job was requeued.
-    fake.write_text(f'#!/bin/sh\necho "$@" >> {calls}\nif test -f {tmp_path}/last.ckpt; then touch {tmp_path}/saved_before; fi\n')
+    saved = f"if test -f {tmp_path}/last.ckpt; then touch {tmp_path}/saved_before; fi"
+    fake.write_text(f'#!/bin/sh\necho "$@" >> {calls}\n{saved}\n')
     fake.chmod(0o755)
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     env.update(PATH=f"{bin_dir}:{env['PATH']}", SLURM_JOB_ID="4242", OMP_NUM_THREADS="1")

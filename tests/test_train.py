@@ -136,7 +136,8 @@ def test_rerunning_the_command_resumes(demo_overrides, tmp_path):
     assert (
         f"error: {tmp_path} holds a run of another model (" in other.stderr
         and "weights differ, e.g. model.text_tower." in other.stderr
-        and f"To resume it, use its config ({tmp_path / 'config.yaml'}); for a new run, set another run_name" in other.stderr
+        and f"To resume it, use its config ({tmp_path / 'config.yaml'}); for a new run, set another run_name"
+        in other.stderr
     ), other.stderr[-2000:]
     assert (tmp_path / "config.yaml").read_text() == config
 
