@@ -1,5 +1,5 @@
-"""Weights from elsewhere into clip_pl towers: OpenAI/OpenCLIP ViT image encoders, and towers of
-another clip_pl model file.
+"""Weights from elsewhere into clip_pl towers: OpenAI/OpenCLIP ViT image encoders and text
+transformers, and towers of another clip_pl model file.
 
 OpenAI and OpenCLIP store a ViT image encoder under ``visual.*`` (``conv1``,
 ``transformer.resblocks.N``, ``ln_post``, ``proj``...). timm's ``vit_*_clip_*`` models have the same
@@ -7,6 +7,11 @@ architecture, and timm ships the key mapping (``_convert_openai_clip``, reached 
 ViT ``checkpoint_filter_fn``, which also resamples position embeddings to another image size).
 ``visual.proj`` (``width x embed_dim``) becomes our ``image_tower.proj`` (an ``nn.Linear``, hence
 transposed).
+
+The text transformer (``token_embedding``, ``transformer.resblocks.N``, ``ln_final``,
+``text_projection``) has the same layout as our ``TextTower`` under other names. OpenAI's tower pools
+at ``argmax`` of the token ids, which is its EOS because EOS has the highest id of its vocabulary;
+ours pools at ``eos_id``, so a converted text tower needs ``eos_id`` set to that tokenizer's EOS.
 
 Activation: OpenAI's released CLIP ViTs, and OpenCLIP models named ``*-quickgelu``, use QuickGELU;
 build those towers with timm's ``vit_base_patch32_clip_quickgelu_224`` /
@@ -97,6 +102,59 @@ def convert_openclip_image_tower(
     proj = converted.pop("head.weight")
     converted.pop("head.bias")
     return {**{f"trunk.{k}": v for k, v in converted.items()}, "proj.weight": proj}
+
+
+# OpenCLIP text transformer names -> ours; the rest of each key is the same.
+_TEXT_RENAMES = (
+    ("transformer.resblocks.", "blocks."),
+    (".attn.in_proj_weight", ".attn.qkv.weight"),
+    (".attn.in_proj_bias", ".attn.qkv.bias"),
+    (".attn.out_proj.", ".attn.proj."),
+    (".mlp.c_fc.", ".mlp.0."),
+    (".mlp.c_proj.", ".mlp.2."),
+)
+
+
+def convert_openclip_text_tower(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Maps an OpenAI/OpenCLIP text transformer (top-level keys of a CLIP state dict) onto ``TextTower``'s keys.
+
+    Args:
+        state_dict: A full CLIP state dict (``visual.*`` keys are ignored); a ``module.`` prefix is accepted.
+
+    Returns:
+        The ``TextTower`` state dict, ready for ``text_tower.load_state_dict``.
+    """
+    state = {k.removeprefix("module."): v for k, v in state_dict.items()}
+    if "text_projection" not in state or "token_embedding.weight" not in state:
+        raise ValueError(
+            "no OpenAI/OpenCLIP text transformer (keys 'token_embedding.weight', 'text_projection') in the state dict"
+        )
+    converted = {}
+    for key, value in state.items():
+        if key.startswith("transformer.resblocks."):
+            for old, new in _TEXT_RENAMES:
+                key = key.replace(old, new)
+            converted[key] = value
+        elif key.startswith(("token_embedding.", "ln_final.")) or key == "positional_embedding":
+            converted[key] = value
+    converted["proj.weight"] = state["text_projection"].T
+    return converted
+
+
+def load_openclip_model(model: CLIP, state_dict: dict[str, torch.Tensor]) -> None:
+    """Loads a whole OpenAI/OpenCLIP ViT CLIP: both towers, the logit scale and, where present, the logit bias.
+
+    Every tensor of ``model`` must be covered; a mismatch says which config to change.
+    """
+    state = {k.removeprefix("module."): v for k, v in state_dict.items()}
+    load_openclip_image_tower(model, state)
+    load_tower(model, "text_tower", convert_openclip_text_tower(state), "the OpenCLIP state dict")
+    with torch.no_grad():
+        model.logit_scale.copy_(state["logit_scale"])
+        if (model.logit_bias is None) != ("logit_bias" not in state):
+            raise ValueError("the OpenCLIP state dict and the model disagree on a logit bias (model.init_logit_bias)")
+        if model.logit_bias is not None:
+            model.logit_bias.copy_(state["logit_bias"])
 
 
 def _check_shapes(visual: dict[str, torch.Tensor], trunk: VisionTransformer, name: str) -> None:

@@ -14,6 +14,7 @@ import dataclasses
 import difflib
 import math
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -22,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+from timm.models.vision_transformer import VisionTransformer
 
 # OpenAI CLIP's temperature: initialised at 1/0.07 and capped at 100.
 DEFAULT_LOGIT_SCALE = math.log(1 / 0.07)
@@ -172,6 +174,34 @@ class PatchProjection(nn.Conv2d):
         trunk.patch_embed.proj = patch
 
 
+def _is_clip_vit(trunk: nn.Module) -> bool:
+    """A timm ViT with CLIP's layout: a LayerNorm before the blocks (timm's ``*_clip_*`` models)."""
+    return isinstance(trunk, VisionTransformer) and isinstance(trunk.norm_pre, nn.LayerNorm)
+
+
+def init_clip_vit(trunk: VisionTransformer) -> None:
+    """OpenCLIP's init of a CLIP ViT, in place: PyTorch's defaults for the layers (Xavier for the
+    attention's input projection, zero attention biases) and ``N(0, width**-0.5)`` for the class and
+    position embeddings.
+
+    timm's ViT init draws every weight from ``N(0, 0.02)``, the scale of PyTorch's default at ViT-B's
+    width 768; at smaller widths it is several times smaller, and a 128-wide 4-block tower then gives
+    nearly the same features for every image and learns far more slowly per sample
+    (benchmarks/RESULTS.md, model quality).
+    """
+    for name, module in trunk.named_modules():
+        if isinstance(module, (nn.Linear, nn.Conv2d, nn.LayerNorm)):
+            module.reset_parameters()
+        if name.endswith("attn.qkv"):
+            nn.init.xavier_uniform_(module.weight)
+        if name.endswith(("attn.qkv", "attn.proj")) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+    with torch.no_grad():
+        for embedding in (trunk.cls_token, trunk.pos_embed):
+            if embedding is not None:
+                embedding.normal_(std=trunk.embed_dim**-0.5)
+
+
 class ImageTower(nn.Module):
     """A timm trunk without classifier, followed by a linear projection to ``embed_dim``."""
 
@@ -193,6 +223,15 @@ class ImageTower(nn.Module):
             raise ValueError(
                 f"model.image.patch_dropout needs a ViT image tower; {config.name!r} does not drop patch tokens"
             ) from None
+        if _is_clip_vit(self.trunk):
+            init_clip_vit(self.trunk)
+        elif isinstance(self.trunk, VisionTransformer):
+            warnings.warn(
+                f"model.image.name={config.name!r} is a ViT without CLIP's pre-LayerNorm, which learns more slowly "
+                "per sample (benchmarks/RESULTS.md); for a CLIP-style ViT of any size use vit_base_patch16_clip_224 "
+                "with model_kwargs patch_size, depth, embed_dim and num_heads",
+                stacklevel=2,
+            )
         PatchProjection.replace(self.trunk)
         if config.weights:
             self._load_trunk_weights(config.weights)
@@ -275,7 +314,8 @@ class TextTower(nn.Module):
         self._init_weights()
 
     def _init_weights(self) -> None:
-        # OpenAI CLIP's scheme: residual projections shrink with depth so the stream stays O(1).
+        # OpenAI CLIP's scheme, as OpenCLIP has it: residual projections shrink with depth so the stream
+        # stays O(1); attention biases start at zero, the MLP's keep PyTorch's default.
         c = self.config
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         nn.init.normal_(self.positional_embedding, std=0.01)
@@ -285,8 +325,8 @@ class TextTower(nn.Module):
             nn.init.normal_(block.attn.proj.weight, std=proj_std)
             nn.init.normal_(block.mlp[0].weight, std=fc_std)
             nn.init.normal_(block.mlp[2].weight, std=proj_std)
-            for linear in (block.attn.qkv, block.attn.proj, block.mlp[0], block.mlp[2]):
-                nn.init.zeros_(linear.bias)
+            nn.init.zeros_(block.attn.qkv.bias)
+            nn.init.zeros_(block.attn.proj.bias)
         nn.init.normal_(self.proj.weight, std=c.width**-0.5)
 
     def eos_positions(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -367,10 +407,12 @@ def _text(width: int, heads: int, layers: int = 12) -> TextTowerConfig:
 # matches OpenAI/OpenCLIP weights.
 MODEL_CONFIGS: dict[str, CLIPConfig] = {
     # A 64 px ViT with 4 blocks: one training step at batch 32 takes a fraction of a second on CPU.
+    # Sized down from timm's CLIP ViT (pre-LayerNorm, no patch bias), which learns much faster per
+    # sample than timm's plain ViT of the same size (benchmarks/RESULTS.md, model quality).
     "tiny": CLIPConfig(
         embed_dim=64,
         image=ImageTowerConfig(
-            name="vit_tiny_patch16_224",
+            name="vit_base_patch16_clip_224",
             image_size=64,
             model_kwargs={"patch_size": 8, "depth": 4, "embed_dim": 128, "num_heads": 4},
         ),

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 import random
 import warnings
 from dataclasses import dataclass
@@ -12,9 +14,9 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_warn
 import numpy as np
 import torch
-from timm.scheduler import CosineLRScheduler
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.checkpoint import checkpoint
 
 from clip_pl.checkpoint import CHECKPOINT_KEY
@@ -71,6 +73,19 @@ def build_optimizer(model: nn.Module, optim: OptimizerConfig) -> torch.optim.Ada
     # torch has fused AdamW kernels for CUDA and CPU tensors (on CPU the step is ~3x faster too).
     fused = optim.fused and all(p.device.type in ("cuda", "cpu") for _, p in params)
     return torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, fused=fused or None)
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -> float:
+    """The learning rate of optimizer step ``step`` (from 0) as a fraction of the peak.
+
+    OpenCLIP's schedule: step ``k`` of the warmup takes ``(k + 1) / warmup_steps`` of the peak, so no
+    step is wasted at rate 0, then a cosine from the peak at ``warmup_steps`` down to ``min_ratio``
+    at ``total_steps``.
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min((step - warmup_steps) / max(total_steps - warmup_steps, 1), 1.0)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def forward_in_pieces(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor, piece: int | None) -> CLIPOutput:
@@ -290,17 +305,11 @@ class CLIPModule(L.LightningModule):
         if o.warmup_steps >= total:
             rank_zero_warn(
                 f"optim.warmup_steps ({o.warmup_steps}) is not smaller than the number of training steps ({total}): "
-                "the learning rate never reaches optim.lr and the cosine never starts"
+                "the cosine decay of the learning rate never starts"
             )
-        scheduler = CosineLRScheduler(
-            optimizer,
-            t_initial=max(total - o.warmup_steps, 1),
-            lr_min=o.min_lr,
-            warmup_t=o.warmup_steps,
-            warmup_lr_init=0.0,
-            warmup_prefix=True,
-            t_in_epochs=False,
-        )
+        # timm's CosineLRScheduler would give the first step a rate of 0 and shift the cosine by a step.
+        min_ratio = o.min_lr / o.lr if o.lr else 0.0
+        scheduler = LambdaLR(optimizer, functools.partial(lr_factor, warmup_steps=o.warmup_steps, total_steps=total, min_ratio=min_ratio))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def configure_gradient_clipping(
@@ -320,10 +329,6 @@ class CLIPModule(L.LightningModule):
                 torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
         else:
             super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
-
-    def lr_scheduler_step(self, scheduler: CosineLRScheduler, metric: Any) -> None:
-        # timm schedulers are driven by the number of optimizer updates done so far.
-        scheduler.step_update(num_updates=self.global_step)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[CHECKPOINT_KEY] = {

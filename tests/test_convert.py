@@ -110,6 +110,17 @@ def test_non_vit_weights_are_refused():
         convert.convert_openclip_image_tower(resnet_like, tower)
 
 
+def test_text_tower_of_another_size_is_refused_with_the_config_to_change(openclip_b32, ours_b32):
+    state = {**openclip_b32.state_dict(), "token_embedding.weight": torch.zeros(32, 64)}  # another vocabulary
+    with pytest.raises(ValueError, match="text_tower .* does not fit this model; build the model with that run's text config"):
+        convert.load_openclip_model(ours_b32, state)
+
+
+def test_a_state_dict_without_text_tower_is_refused():
+    with pytest.raises(ValueError, match="no OpenAI/OpenCLIP text transformer"):
+        convert.convert_openclip_text_tower({"visual.class_embedding": torch.zeros(4)})
+
+
 @pytest.fixture(scope="module")
 def two_models(tmp_path_factory):
     directory = tmp_path_factory.mktemp("towers")

@@ -189,3 +189,16 @@ def test_patch_projection_falls_back_and_leaves_other_convolutions_alone():
     overlapping.patch_embed.proj = torch.nn.Conv2d(3, 192, 16, 16, padding=1)
     PatchProjection.replace(overlapping)
     assert type(overlapping.patch_embed.proj) is torch.nn.Conv2d
+
+
+def test_tiny_preset_is_a_clip_style_vit():
+    # CLIP's ViT: a LayerNorm before the blocks and no patch-embedding bias (OpenAI's layout).
+    trunk = create_model("tiny").image_tower.trunk
+    assert isinstance(trunk.norm_pre, torch.nn.LayerNorm)
+    assert trunk.patch_embed.proj.bias is None
+    assert (len(trunk.blocks), trunk.embed_dim, trunk.patch_embed.patch_size) == (4, 128, (8, 8))
+
+
+def test_a_plain_vit_tower_is_warned_about():
+    with pytest.warns(UserWarning, match="without CLIP's pre-LayerNorm"):
+        create_model("tiny", image={"name": "vit_tiny_patch16_224", "model_kwargs": {"patch_size": 8, "depth": 1}})

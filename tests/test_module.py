@@ -81,7 +81,7 @@ def test_linear_warmup_then_cosine_per_step(tokenizer, tmp_path):
     assert len(lrs) == 20 and all(a == b for a, b in recorder.lrs)  # both groups share the schedule
     for step, lr in enumerate(lrs):
         if step < 5:
-            expected = 1e-3 * step / 5
+            expected = 1e-3 * (step + 1) / 5  # OpenCLIP's warmup: no step at rate 0
         else:
             expected = 1e-5 + 0.5 * (1e-3 - 1e-5) * (1 + math.cos(math.pi * (step - 5) / 15))
         assert lr == pytest.approx(expected, rel=1e-6, abs=1e-12), step
@@ -188,8 +188,9 @@ def test_warmup_longer_than_training_is_warned_about(tokenizer, tmp_path):
     recorder = _LRRecorder()
     with pytest.warns(UserWarning, match="optim.warmup_steps"):
         _trainer(tmp_path, 5, [recorder]).fit(_module(tokenizer, warmup_steps=5), _loader())
-    # What the warning is about: every step of the run trains below the peak rate of 1e-3.
-    assert len(recorder.lrs) == 5 and max(lr[0] for lr in recorder.lrs) < 1e-3
+    # What the warning is about: the rate only rises, to the peak at the last step, and never decays.
+    lrs = [lr[0] for lr in recorder.lrs]
+    assert lrs == sorted(lrs) and lrs == pytest.approx([2e-4, 4e-4, 6e-4, 8e-4, 1e-3])
 
 
 # ---------------------------------------------------------------- speed options

@@ -171,7 +171,7 @@ def test_local_sweep_runs_each_job(demo_overrides, tmp_path):
         assert f"optim.lr={lr:g}" in (tmp_path / job / ".hydra" / "overrides.yaml").read_text()
         checkpoint = read_checkpoint(tmp_path / job / "checkpoints" / "last.ckpt")
         assert checkpoint["global_step"] == 2
-        assert checkpoint["lr_schedulers"][0]["base_values"][0] == pytest.approx(lr)
+        assert checkpoint["lr_schedulers"][0]["base_lrs"][0] == pytest.approx(lr)
 
 
 def test_missing_tokenizer_is_one_clear_line(tmp_path):

@@ -1,0 +1,112 @@
+"""Which part of a framework makes it learn faster: the model or the tokenizer, on one data stream.
+
+``benchmarks/quality.py`` compares the frameworks whole. This trains one variant at a time on
+clip_pl's own input stream of the same digit shards (built by ``quality.py --out``), with
+open_clip_train's optimizer step written out here (its parameter groups, AdamW, warmup and cosine,
+the logit-scale clamp), so that only the model and the tokenizer change between variants:
+
+* ``clip_pl``: clip_pl's model and its SentencePiece tokenizer (``quality.py``'s clip_pl side);
+* ``openclip``: OpenCLIP's model and its BPE tokenizer, fed clip_pl's batches (captions re-tokenized);
+* ``clip_pl_bpe``: clip_pl's model with OpenCLIP's BPE tokenizer (vocabulary 49408, EOS pooling at 49407).
+
+``--clip-norm`` adds gradient clipping; with ``PYTHONPATH`` set to another checkout, that
+checkout's clip_pl model (its initialisation) trains.
+
+It prints the training loss averaged over every 25 steps. One thread per run, so two variants run
+side by side on a 2-core machine::
+
+    python benchmarks/quality.py --out /tmp/quality --steps 40 --eval-every 20    # builds the shards
+    python benchmarks/quality_swap.py --data /tmp/quality/data --variant clip_pl --seed 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+
+import open_clip
+import torch
+from quality import IMAGE_SIZE
+
+from clip_pl.loss import ClipLoss
+from clip_pl.model import PreprocessConfig, create_model
+from clip_pl.tokenizer import Tokenizer
+from clip_pl.transforms import NormalizeImages
+from data_pipelines.datamodule import ShardDataModule
+
+WIDTH, DEPTH, HEADS, PATCH, CONTEXT, EMBED_DIM = 128, 4, 4, 4, 16, 128
+VARIANTS = ("clip_pl", "openclip", "clip_pl_bpe")
+
+
+def build(variant: str, tokenizer: Tokenizer):
+    """The model, its input normalization, and ``(normalized images, clip_pl tokens) -> model output``."""
+    bpe = open_clip.get_tokenizer("ViT-B-32", context_length=CONTEXT)
+    if variant == "openclip":
+        vision = {"image_size": IMAGE_SIZE, "layers": DEPTH, "width": WIDTH, "patch_size": PATCH, "head_width": 32}
+        text = {"context_length": CONTEXT, "vocab_size": 49408, "width": WIDTH, "heads": HEADS, "layers": DEPTH}
+        model = open_clip.CLIP(EMBED_DIM, vision, text)
+        config = PreprocessConfig(IMAGE_SIZE, open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD, "bicubic")
+        return model, NormalizeImages(config), lambda x, t: model(x, bpe([tokenizer.decode(r) for r in t]))
+    text = {"context_length": CONTEXT, "width": WIDTH, "layers": DEPTH, "heads": HEADS}
+    if variant == "clip_pl_bpe":
+        # OpenAI's BPE: pad 0, EOS 49407 (its highest id).
+        text.update(vocab_size=49408, pad_id=0, eos_id=49407)
+    else:
+        text.update(vocab_size=tokenizer.vocab_size, pad_id=tokenizer.pad_id, eos_id=tokenizer.eos_id)
+    kwargs = {"patch_size": PATCH, "depth": DEPTH, "embed_dim": WIDTH, "num_heads": HEADS}
+    image = {"name": "vit_base_patch16_clip_224", "image_size": IMAGE_SIZE, "model_kwargs": kwargs}
+    model = create_model("tiny", embed_dim=EMBED_DIM, image=image, text=text)
+    if variant == "clip_pl_bpe":
+        return model, NormalizeImages(model.preprocess_config), lambda x, t: model(x, bpe([tokenizer.decode(r) for r in t]))[:3]
+    return model, NormalizeImages(model.preprocess_config), lambda x, t: model(x, t)[:3]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python benchmarks/quality_swap.py", description=__doc__.splitlines()[0])
+    parser.add_argument("--data", required=True, help="quality.py's data directory (OUT/data)")
+    parser.add_argument("--variant", choices=VARIANTS, required=True)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the model's initialisation")
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--clip-norm", type=float, default=None, help="clip the gradient norm at this value")
+    parser.add_argument("--schedule-steps", type=int, default=500, help="length of the cosine, as in quality.py")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    tokenizer = Tokenizer.from_file(f"{args.data}/tokenizer.model", context_length=CONTEXT)
+    # The data stream is the same for every variant and seed: clip_pl's, seeded 0.
+    data = ShardDataModule(f"{args.data}/train", tokenizer, batch_size=128, num_workers=0, image_size=IMAGE_SIZE,
+                           samples_per_epoch=128 * args.steps, shuffle_buffer=5000, seed=0)  # fmt: skip
+    data.setup("fit")
+    torch.manual_seed(args.seed)
+    model, normalize, forward = build(args.variant, tokenizer)
+    named = list(model.named_parameters())
+    # open_clip_train's groups: no decay for gains, biases and the temperature.
+    exclude = [p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n for n, p in named]
+    groups = [
+        {"params": [p for (_, p), e in zip(named, exclude) if e], "weight_decay": 0.0},
+        {"params": [p for (_, p), e in zip(named, exclude) if not e], "weight_decay": 0.1},
+    ]
+    optimizer = torch.optim.AdamW(groups, lr=1e-3, betas=(0.9, 0.98), eps=1e-6)
+    warmup, loss_fn, window = 50, ClipLoss(), []
+    for step, (images, tokens) in enumerate(data.train_dataloader()):
+        progress = (step - warmup) / (args.schedule_steps - warmup)
+        lr = 1e-3 * ((step + 1) / warmup if step < warmup else 0.5 * (1 + math.cos(math.pi * progress)))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss = loss_fn(*forward(normalize(images).contiguous(), tokens))
+        optimizer.zero_grad()
+        loss.backward()
+        if args.clip_norm is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_norm)
+        optimizer.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+        window.append(loss.item())
+        if len(window) == 25:
+            print(f"{args.variant} seed {args.seed} steps {step - 23}-{step + 1}: loss {sum(window) / 25:.3f}", flush=True)
+            window.clear()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
