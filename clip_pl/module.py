@@ -338,5 +338,10 @@ class CLIPModule(L.LightningModule):
         checkpoint["rng"] = _rng_state()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if any("lr_lambdas" not in state for state in checkpoint.get("lr_schedulers", [])):
+            raise ValueError(
+                "the checkpoint holds timm's learning-rate scheduler, which clip_pl no longer uses; start a new run "
+                "(run_name=...) from its weights with init.from_checkpoint=<its last.ckpt>"
+            )
         if "rng" in checkpoint:
             _set_rng_state(checkpoint["rng"])

@@ -184,6 +184,12 @@ def test_async_save_writes_the_step_it_was_given_while_training_goes_on(tmp_path
     assert torch.load(tmp_path / "last.ckpt")["global_step"] == 8
 
 
+def test_a_checkpoint_with_timms_scheduler_says_how_to_go_on(tokenizer):
+    old = {"lr_schedulers": [{"t_initial": 950, "warmup_t": 50, "base_values": [1e-3]}]}
+    with pytest.raises(ValueError, match="init.from_checkpoint"):
+        _module(tokenizer).on_load_checkpoint(old)
+
+
 def test_warmup_longer_than_training_is_warned_about(tokenizer, tmp_path):
     recorder = _LRRecorder()
     with pytest.warns(UserWarning, match="optim.warmup_steps"):
