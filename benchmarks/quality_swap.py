@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import random
 import sys
 
 import open_clip
@@ -41,25 +42,27 @@ VARIANTS = ("clip_pl", "openclip", "clip_pl_bpe")
 
 def build(variant: str, tokenizer: Tokenizer):
     """The model, its input normalization, and ``(normalized images, clip_pl tokens) -> model output``."""
-    bpe = open_clip.get_tokenizer("ViT-B-32", context_length=CONTEXT)
     if variant == "openclip":
         vision = {"image_size": IMAGE_SIZE, "layers": DEPTH, "width": WIDTH, "patch_size": PATCH, "head_width": 32}
         text = {"context_length": CONTEXT, "vocab_size": 49408, "width": WIDTH, "heads": HEADS, "layers": DEPTH}
         model = open_clip.CLIP(EMBED_DIM, vision, text)
         config = PreprocessConfig(IMAGE_SIZE, open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD, "bicubic")
-        return model, NormalizeImages(config), lambda x, t: model(x, bpe([tokenizer.decode(r) for r in t]))
-    text = {"context_length": CONTEXT, "width": WIDTH, "layers": DEPTH, "heads": HEADS}
-    if variant == "clip_pl_bpe":
-        # OpenAI's BPE: pad 0, EOS 49407 (its highest id).
-        text.update(vocab_size=49408, pad_id=0, eos_id=49407)
     else:
-        text.update(vocab_size=tokenizer.vocab_size, pad_id=tokenizer.pad_id, eos_id=tokenizer.eos_id)
-    kwargs = {"patch_size": PATCH, "depth": DEPTH, "embed_dim": WIDTH, "num_heads": HEADS}
-    image = {"name": "vit_base_patch16_clip_224", "image_size": IMAGE_SIZE, "model_kwargs": kwargs}
-    model = create_model("tiny", embed_dim=EMBED_DIM, image=image, text=text)
-    if variant == "clip_pl_bpe":
-        return model, NormalizeImages(model.preprocess_config), lambda x, t: model(x, bpe([tokenizer.decode(r) for r in t]))[:3]
-    return model, NormalizeImages(model.preprocess_config), lambda x, t: model(x, t)[:3]
+        text = {"context_length": CONTEXT, "width": WIDTH, "layers": DEPTH, "heads": HEADS}
+        if variant == "clip_pl_bpe":
+            # OpenAI's BPE: pad 0, EOS 49407 (its highest id).
+            text.update(vocab_size=49408, pad_id=0, eos_id=49407)
+        else:
+            text.update(vocab_size=tokenizer.vocab_size, pad_id=tokenizer.pad_id, eos_id=tokenizer.eos_id)
+        kwargs = {"patch_size": PATCH, "depth": DEPTH, "embed_dim": WIDTH, "num_heads": HEADS}
+        image = {"name": "vit_base_patch16_clip_224", "image_size": IMAGE_SIZE, "model_kwargs": kwargs}
+        model = create_model("tiny", embed_dim=EMBED_DIM, image=image, text=text)
+        config = model.preprocess_config
+    if variant == "clip_pl":
+        return model, NormalizeImages(config), lambda x, t: model(x, t)[:3]
+    bpe = open_clip.get_tokenizer("ViT-B-32", context_length=CONTEXT)
+    # The captions of clip_pl's batch, re-tokenized with OpenAI's BPE.
+    return model, NormalizeImages(config), lambda x, t: model(x, bpe([tokenizer.decode(r) for r in t]))[:3]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     data = ShardDataModule(f"{args.data}/train", tokenizer, batch_size=128, num_workers=0, image_size=IMAGE_SIZE,
                            samples_per_epoch=128 * args.steps, shuffle_buffer=5000, seed=0)  # fmt: skip
     data.setup("fit")
+    # Without DataLoader workers the crops draw from this process's generator: the same crops for every variant.
+    random.seed(0)
     torch.manual_seed(args.seed)
     model, normalize, forward = build(args.variant, tokenizer)
     named = list(model.named_parameters())

@@ -309,7 +309,8 @@ class CLIPModule(L.LightningModule):
             )
         # timm's CosineLRScheduler would give the first step a rate of 0 and shift the cosine by a step.
         min_ratio = o.min_lr / o.lr if o.lr else 0.0
-        scheduler = LambdaLR(optimizer, functools.partial(lr_factor, warmup_steps=o.warmup_steps, total_steps=total, min_ratio=min_ratio))
+        factor = functools.partial(lr_factor, warmup_steps=o.warmup_steps, total_steps=total, min_ratio=min_ratio)
+        scheduler = LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def configure_gradient_clipping(

@@ -200,5 +200,9 @@ def test_tiny_preset_is_a_clip_style_vit():
 
 
 def test_a_plain_vit_tower_is_warned_about():
-    with pytest.warns(UserWarning, match="without CLIP's pre-LayerNorm"):
-        create_model("tiny", image={"name": "vit_tiny_patch16_224", "model_kwargs": {"patch_size": 8, "depth": 1}})
+    with pytest.warns(UserWarning, match="without CLIP's pre-LayerNorm") as caught:
+        model = create_model("tiny", image={"name": "vit_tiny_patch16_224", "model_kwargs": {"patch_size": 8, "depth": 1}})
+    assert len([w for w in caught if "pre-LayerNorm" in str(w.message)]) == 1
+    assert "vit_base_patch16_clip_224" in str(caught[0].message)
+    # The tower is built as asked, timm's plain ViT with timm's init: no pre-LayerNorm.
+    assert isinstance(model.image_tower.trunk.norm_pre, torch.nn.Identity)
