@@ -20,7 +20,7 @@ Pipelines:
   open_clip's own (``open_clip.image_transform(224, is_train=True)``, the BPE tokenizer of
   ``open_clip.get_tokenizer("ViT-B-32")``).
 * ``clip_pl:no_draft``: the same with ``draft_decode=False``.
-* ``clip_pl:before``: clip_pl's decoding and transforms before issue #7's work, kept here for the
+* ``clip_pl:before``: clip_pl's decoding and transforms before the speed work, kept here for the
   comparison: PIL decode, PIL crop-resize, float conversion and normalization in the workers,
   float batches. It shares today's tar reader; the old one (webdataset's, on ``tarfile``) is timed
   in ``--stages``.
@@ -190,7 +190,7 @@ def ensure_dataset(
 
 @dataclasses.dataclass(frozen=True)
 class _BeforeDecoder(SampleDecoder):
-    """clip_pl's decoder before issue #7: PIL decode into a PIL-based float transform."""
+    """clip_pl's decoder before the speed work: PIL decode into a PIL-based float transform."""
 
     def __call__(self, sample: dict) -> tuple[torch.Tensor, str]:
         return self.transform(decode_image(image_bytes(sample), self.max_image_pixels)), self.caption_key.get(sample)
