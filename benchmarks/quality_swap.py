@@ -13,10 +13,13 @@ the logit-scale clamp), so that only the model and the tokenizer change between 
 checkout's clip_pl model (its initialisation) trains.
 
 It prints the training loss averaged over every 25 steps. One thread per run, so two variants run
-side by side on a 2-core machine::
+side by side on a 2-core machine. ``--init-stats N`` trains nothing: over N initialisation seeds it
+prints the mean and standard deviation of what a fresh model does with the first batch (loss, the
+spread of its image and text features, the gradient norm of each tower)::
 
     python benchmarks/quality.py --out /tmp/quality --steps 40 --eval-every 20    # builds the shards
     python benchmarks/quality_swap.py --data /tmp/quality/data --variant clip_pl --seed 0
+    python benchmarks/quality_swap.py --data /tmp/quality/data --variant openclip --init-stats 12
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from __future__ import annotations
 import argparse
 import math
 import random
+import statistics
 import sys
 
 import open_clip
@@ -65,6 +69,33 @@ def build(variant: str, tokenizer: Tokenizer):
     return model, NormalizeImages(config), lambda x, t: model(x, bpe([tokenizer.decode(r) for r in t]))[:3]
 
 
+def _spread(features: torch.Tensor) -> float:
+    """Mean cosine distance between different samples' features: 0 when the model tells none apart."""
+    f = torch.nn.functional.normalize(features.float(), dim=-1)
+    return (1 - (f @ f.T)[~torch.eye(len(f), dtype=torch.bool)]).mean().item()
+
+
+def init_stats(variant: str, tokenizer: Tokenizer, batch: tuple[torch.Tensor, torch.Tensor], seeds: int) -> int:
+    """Prints, over ``seeds`` fresh models, mean and std of their loss, feature spreads and gradient norms."""
+    images, tokens = batch
+    rows = []
+    for seed in range(seeds):
+        torch.manual_seed(seed)
+        model, normalize, forward = build(variant, tokenizer)
+        out = forward(normalize(images).contiguous(), tokens)
+        loss = ClipLoss()(*out)
+        loss.backward()
+        norms = {"image": 0.0, "text": 0.0}
+        for name, param in model.named_parameters():
+            if param.grad is not None and "logit" not in name:
+                norms["image" if name.startswith(("visual", "image_tower")) else "text"] += param.grad.square().sum().item()
+        rows.append((loss.item(), _spread(out[0]), _spread(out[1]), norms["image"] ** 0.5, norms["text"] ** 0.5))
+    names = ("loss", "image spread", "text spread", "image grad norm", "text grad norm")
+    summary = (f"{n} {statistics.mean(c):.4g} ± {statistics.stdev(c):.2g}" for n, c in zip(names, zip(*rows)))
+    print(f"{variant}, {seeds} seeds: " + "; ".join(summary), flush=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python benchmarks/quality_swap.py", description=__doc__.splitlines()[0])
     parser.add_argument("--data", required=True, help="quality.py's data directory (OUT/data)")
@@ -73,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--clip-norm", type=float, default=None, help="clip the gradient norm at this value")
     parser.add_argument("--schedule-steps", type=int, default=500, help="length of the cosine, as in quality.py")
+    parser.add_argument("--init-stats", type=int, metavar="N", help="statistics of N fresh models; no training")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     tokenizer = Tokenizer.from_file(f"{args.data}/tokenizer.model", context_length=CONTEXT)
@@ -82,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     data.setup("fit")
     # Without DataLoader workers the crops draw from this process's generator: the same crops for every variant.
     random.seed(0)
+    if args.init_stats:
+        return init_stats(args.variant, tokenizer, next(iter(data.train_dataloader())), args.init_stats)
     torch.manual_seed(args.seed)
     model, normalize, forward = build(args.variant, tokenizer)
     named = list(model.named_parameters())
