@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 
 import hydra
 import lightning as L
@@ -22,21 +23,72 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
 from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from omegaconf import DictConfig, OmegaConf
 
-from clip_pl.callbacks import AtomicCheckpointIO, SkippedSamplesMonitor, StopOnSigterm
-from clip_pl.checkpoint import shape_differences
-from clip_pl.errors import USER_ERRORS, report_user_error
+from clip_pl.atomic import atomic_output, remove_stale_temporaries
+from clip_pl.callbacks import (
+    AtomicCheckpointIO,
+    LastCheckpointSchedule,
+    SaveOnInterrupt,
+    SkippedSamplesMonitor,
+    StopOnSigterm,
+    interrupted_by,
+)
+from clip_pl.checkpoint import checkpoint_step, shape_differences
+from clip_pl.errors import USER_ERRORS, report_user_error, user_error_line
 from clip_pl.init import init_from_pretrained
+from clip_pl.openclip_models import openclip_model_config
+from clip_pl.progress import ProgressBar
+from clip_pl.run_dir import changed_keys, flatten, format_metrics, read_final_metrics, write_final_metrics
 from clip_pl.slurm import RequeueOnSignal, check_task_layout, is_slurm_task, stopped_for_requeue
+from command_line import check_overrides
 
 log = logging.getLogger("clip_pl")
+
+
+def quiet_lightning() -> None:
+    """Silences three messages of Lightning's that ask nothing of the user, each matched by its text."""
+    # torch deprecated the LeafSpec that Lightning 2.6 still builds for every step's outputs.
+    warnings.filterwarnings(
+        "ignore",
+        message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+        category=FutureWarning,
+        module=r"lightning\.pytorch\.utilities\._pytree",
+    )
+    # Lightning says this only where srun is installed but did not start the process, i.e. outside a
+    # SLURM task; jobs go to SLURM through slurm/train.sbatch or hydra/launcher=slurm instead.
+    warnings.filterwarnings(
+        "ignore", message="The `srun` command is available on your system but is not used", category=PossibleUserWarning
+    )
+    # An advertisement at every start of a Trainer.
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
+        lambda record: not record.getMessage().startswith("💡 Tip: For seamless cloud logging")
+    )
+
+
+# At import, not in main(): the processes that ddp_spawn starts import this file but run no main().
+quiet_lightning()
 
 # What to give for the config's mandatory values (??? in conf/) when one is missing.
 MISSING_HINTS = {
     "tokenizer.path": "a SentencePiece .model; python -m data_pipelines.train_tokenizer trains one on the shards",
     "data.train_shards": "\"data.train_shards='/data/{00000..00099}.tar'\" or a directory of shards",
 }
+
+RESUME_MODES = ("auto", "force")
+# What a rerun in the run_dir of an existing run may change and still resume it (prefixes of dotted
+# config keys): the length of the run, where and how it runs, what it logs and evaluates. Anything
+# else would leave config.yaml describing weights it did not train, so it takes resume=force.
+RESUME_MAY_CHANGE = (
+    "resume", "run_name", "run_dir",
+    "trainer.max_steps", "trainer.max_epochs", "trainer.devices", "trainer.num_nodes", "trainer.strategy",
+    "trainer.log_every_n_steps", "trainer.enable_progress_bar", "trainer.enable_model_summary",
+    "trainer.val_check_interval", "trainer.check_val_every_n_epoch", "trainer.limit_val_batches",
+    "trainer.num_sanity_val_steps",
+    "checkpoint", "logger", "speed_monitor", "pictures", "zero_shot",
+    "data.num_workers", "data.val_shards", "data.val_samples", "module.compile",
+)
 
 
 def check_nothing_missing(cfg: DictConfig) -> None:
@@ -47,6 +99,23 @@ def check_nothing_missing(cfg: DictConfig) -> None:
         raise ValueError(f"set on the command line: {keys}")
 
 
+def check_data_image_size(cfg: DictConfig) -> None:
+    """Raises ValueError when ``prepare_data`` (the demo) would draw images at no size.
+
+    ``model=openclip`` leaves ``model.image.image_size`` null, the pretrained model's size, which is
+    known only once the model is built; the demo's images are drawn before that, at the config's size.
+    """
+    if cfg.prepare_data is None or cfg.prepare_data.get("image_size", 0) is not None:
+        return
+    if OmegaConf.select(cfg, "model.source") is None:
+        raise ValueError("the demo data is drawn at model.image.image_size, which is null: set it")
+    size = openclip_model_config(cfg.model.source, cfg.model.model_name)["vision_cfg"].get("image_size", 224)
+    raise ValueError(
+        "the demo data is drawn at model.image.image_size, which model=openclip leaves null: set "
+        f"model.image.image_size={size} (the pretrained model's size)"
+    )
+
+
 def run_directory(cfg: DictConfig) -> str:
     """Hydra's output dir: run_dir for a single run, run_dir/<job number> for a sweep job."""
     return HydraConfig.get().runtime.output_dir if HydraConfig.initialized() else cfg.run_dir
@@ -55,6 +124,7 @@ def run_directory(cfg: DictConfig) -> str:
 def build(cfg: DictConfig, run_dir: str) -> tuple[L.LightningModule, L.LightningDataModule, L.Trainer]:
     """Instantiates tokenizer, model, data, loss, module, loggers, callbacks and trainer."""
     check_nothing_missing(cfg)
+    check_data_image_size(cfg)
     L.seed_everything(cfg.seed, workers=True)
     if cfg.prepare_data is not None:
         instantiate(cfg.prepare_data)
@@ -78,6 +148,8 @@ def build(cfg: DictConfig, run_dir: str) -> tuple[L.LightningModule, L.Lightning
         zero_shot_tasks=[instantiate(task, _convert_="all") for task in cfg.zero_shot],
     )
     loggers = [instantiate(c, save_dir=run_dir) for c in (cfg.logger or {}).values()]
+    last = os.path.join(run_dir, "checkpoints", "last.ckpt")
+    on_slurm = is_slurm_task()
     callbacks = [
         ModelCheckpoint(
             dirpath=os.path.join(run_dir, "checkpoints"),
@@ -88,22 +160,28 @@ def build(cfg: DictConfig, run_dir: str) -> tuple[L.LightningModule, L.Lightning
             # last; with the counter, a resumed run would write last-v1.ckpt and resume stale.
             enable_version_counter=False,
         ),
+        # Also by wall time, and the end whatever the step interval; listed after ModelCheckpoint, so
+        # that a step it saved is not saved again.
+        LastCheckpointSchedule(last, cfg.checkpoint.every_n_minutes),
         instantiate(cfg.speed_monitor),
         SkippedSamplesMonitor(),
-        StopOnSigterm(),
+        # Under SLURM, RequeueOnSignal (below) saves on SLURM's warning signal and SIGTERM only stops
+        # the ranks together; elsewhere SIGTERM and Ctrl-C save last.ckpt first.
+        StopOnSigterm() if on_slurm else SaveOnInterrupt(last),
     ]
     if cfg.pictures is not None:
         callbacks.append(instantiate(cfg.pictures))
     if loggers:
         callbacks.append(LearningRateMonitor(logging_interval="step"))
+    if cfg.trainer.get("enable_progress_bar") is not False:
+        callbacks.append(ProgressBar())  # Lightning's bar, also right on a resumed run
     trainer_cfg = cfg.trainer
     plugins = [AtomicCheckpointIO(async_save=cfg.checkpoint.async_save)]
-    on_slurm = is_slurm_task()
     if on_slurm:
         # srun started every rank; RequeueOnSignal alone reacts to SLURM's signal (Lightning's own
         # requeue handler deadlocked), saving the last.ckpt that the requeued job resumes from.
         check_task_layout(trainer_cfg.devices, trainer_cfg.num_nodes)
-        callbacks.append(RequeueOnSignal(os.path.join(run_dir, "checkpoints", "last.ckpt")))
+        callbacks.append(RequeueOnSignal(last))
         plugins.append(SLURMEnvironment(auto_requeue=False))
     make_trainer = instantiate(trainer_cfg, _partial_=True)
     kwargs = dict(logger=loggers or False, callbacks=callbacks, plugins=plugins, default_root_dir=run_dir)
@@ -134,18 +212,77 @@ def check_same_model(checkpoint: str, module: L.LightningModule, run_dir: str) -
         )
 
 
+def check_resumable(cfg: DictConfig, run_dir: str) -> None:
+    """Raises ValueError when ``run_dir`` holds a run whose config differs in more than a resume may change.
+
+    Runs before anything is written, so the run's ``config.yaml`` keeps describing its weights.
+    """
+    if cfg.resume not in RESUME_MODES:
+        raise ValueError(f"resume={cfg.resume} is not one of {', '.join(RESUME_MODES)}")
+    saved_path = os.path.join(run_dir, "config.yaml")
+    if cfg.resume == "force" or not os.path.isfile(saved_path):
+        return
+    saved = OmegaConf.to_container(OmegaConf.load(saved_path))
+    new = OmegaConf.to_container(cfg, resolve=True)
+    changed = changed_keys(saved, new, RESUME_MAY_CHANGE)
+    if changed:
+        old_flat, new_flat = flatten(saved), flatten(new)
+        shown = "; ".join(f"{k}: {old_flat.get(k, '(absent)')} -> {new_flat.get(k, '(absent)')}" for k in changed[:4])
+        more = f" and {len(changed) - 4} more" if len(changed) > 4 else ""
+        raise ValueError(
+            f"{run_dir} holds a run with another config ({shown}{more}); for a new run set another run_name "
+            "or run_dir, or add resume=force to resume this one with the new settings"
+        )
+
+
+def save_config(cfg: DictConfig, run_dir: str) -> None:
+    """Writes the resolved config to ``run_dir/config.yaml``; a forced change keeps the old one as config.<n>.yaml."""
+    path = os.path.join(run_dir, "config.yaml")
+    text = OmegaConf.to_yaml(cfg, resolve=True)
+    if os.path.isfile(path):
+        with open(path) as f:
+            old = f.read()
+        if changed_keys(OmegaConf.to_container(OmegaConf.create(old)), OmegaConf.to_container(cfg, resolve=True),
+                        RESUME_MAY_CHANGE):
+            n = 1
+            while os.path.exists(os.path.join(run_dir, f"config.{n}.yaml")):
+                n += 1
+            os.replace(path, os.path.join(run_dir, f"config.{n}.yaml"))
+            log.info("resume=force: the previous config is kept as %s", os.path.join(run_dir, f"config.{n}.yaml"))
+    with atomic_output(path) as tmp, open(tmp, "w") as f:
+        f.write(text)
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Trains, resuming from ``<run dir>/checkpoints/last.ckpt`` when it exists; returns final metrics."""
     run_dir = run_directory(cfg)
-    module, datamodule, trainer = build(cfg, run_dir)
     last = os.path.join(run_dir, "checkpoints", "last.ckpt")
     resume = last if os.path.isfile(last) else None
+    if resume:
+        check_resumable(cfg, run_dir)
+        step = checkpoint_step(resume)
+        if 0 < cfg.trainer.max_steps <= step:
+            # Nothing to train: say so and show what the run ended with instead of a silent no-op.
+            log.info(
+                "%s already finished: its last.ckpt is at step %d (trainer.max_steps=%d). Raise trainer.max_steps "
+                "to train on, or set another run_name for a new run", run_dir, step, cfg.trainer.max_steps,
+            )
+            final = read_final_metrics(run_dir)
+            if final is not None and final[0] == step:
+                log.info("%s", format_metrics(*final))
+                return final[1]
+            return {}
+    module, datamodule, trainer = build(cfg, run_dir)
     if resume:
         check_same_model(resume, module, run_dir)
         log.info("resuming from %s", resume)
     if rank_zero_only.rank == 0:
         os.makedirs(run_dir, exist_ok=True)
-        OmegaConf.save(cfg, os.path.join(run_dir, "config.yaml"), resolve=True)
+        save_config(cfg, run_dir)
+        # Left by writers killed mid-write (a checkpoint's is as large as the checkpoint).
+        stale = remove_stale_temporaries(run_dir) + remove_stale_temporaries(os.path.dirname(last))
+        if stale:
+            log.info("removed %d temporary file(s) of interrupted writes: %s", len(stale), ", ".join(stale))
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
     finally:
@@ -154,11 +291,30 @@ def train(cfg: DictConfig) -> dict[str, float]:
             # (SLURM's SIGTERM, DataLoader workers killed by it) is no error, and the run reports no
             # result (submitit would take one as the sweep job's final result).
             sys.exit(0)
+        signum = interrupted_by(trainer)
+        if signum is not None:
+            if trainer.is_global_zero:
+                print(f"{signum.name}: training stopped at step {trainer.global_step}, saved in {last}; rerun the "
+                      "same command to resume", file=sys.stderr)
+            sys.exit(128 + signum)  # the shell's convention for a process ended by that signal
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
-    if trainer.is_global_zero:
-        for name in sorted(k for k in metrics if k.startswith(("val/", "zeroshot/"))):
-            print(f"{name:40s} {metrics[name]:.4f}")
+    finished = 0 < trainer.max_steps <= trainer.global_step
+    if finished and module.validated_step != trainer.global_step and has_validation(trainer, datamodule):
+        # Validation runs at epoch ends; without this the reported metrics would describe older weights.
+        # trainer.validate replaces the callback metrics with its own: the training ones are kept above.
+        trainer.validate(module, datamodule=datamodule, verbose=False)
+        metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1})
+    final = {k: v for k, v in metrics.items() if k.startswith(("val/", "zeroshot/"))}
+    if trainer.is_global_zero and final and module.validated_step == trainer.global_step:
+        write_final_metrics(run_dir, trainer.global_step, final)
+        log.info("%s", format_metrics(trainer.global_step, final))
     return metrics
+
+
+def has_validation(trainer: L.Trainer, datamodule: L.LightningDataModule) -> bool:
+    """Whether the run validates at all: validation data, and batches the trainer may run."""
+    loaders = datamodule.val_dataloader()  # [] without validation data; a loader's len() may be unknown
+    return trainer.limit_val_batches != 0 and not (isinstance(loaders, list) and not loaders)
 
 
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
@@ -171,8 +327,26 @@ def main(cfg: DictConfig) -> None:
         cause = e.__cause__ if isinstance(e, InstantiationException) and e.__cause__ is not None else e
         if not isinstance(cause, USER_ERRORS) or os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
+        log_to_files(user_error_line(cause))
         sys.exit(report_user_error(cause))
 
 
+def log_to_files(message: str) -> None:
+    """Writes ``message`` to the log files of the run (Hydra's train.log), not to the console.
+
+    For the error line, which the console gets on stderr from ``report_user_error``.
+    """
+    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, message, None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+
+
 if __name__ == "__main__":
+    # Hydra would report a mistaken override in several lines with exit status 1, before main() could
+    # make it one line; so the overrides are composed once before Hydra runs.
+    try:
+        check_overrides(sys.argv[1:], os.path.join(os.path.dirname(os.path.abspath(__file__)), "conf"), "train")
+    except ValueError as e:
+        sys.exit(report_user_error(e))
     main()

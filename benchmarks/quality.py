@@ -387,7 +387,7 @@ def evaluate_openclip(openclip_model: nn.Module, data: dict[str, str], batch_siz
         results = ZeroShotTask(**task).evaluate(model, tokenizer)
         metrics.update({f"zeroshot/{task['name']}/{k}": v for k, v in results.items()})
     # clip_pl's validation pipeline (same order, same resize and crop), then OpenCLIP's mean and std.
-    # Only its val loader is used; the train shards it asks for are never read.
+    # Only its val loader is used; of the train shards it asks for, only the first sample is read (a check).
     pc = model.preprocess_config
     shards = ShardDataModule(
         data["val"], tokenizer, batch_size, val_shards=data["val"], num_workers=0,

@@ -15,7 +15,7 @@ import torch
 
 from clip_pl.atomic import atomic_output
 from clip_pl.model import CLIP, CLIPConfig
-from clip_pl.tokenizer import Tokenizer
+from clip_pl.tokenizer import TextTokenizer, tokenizer_from_state_dict
 
 CHECKPOINT_KEY = "clip_pl"
 STATE_DICT_PREFIX = "model."
@@ -40,6 +40,11 @@ def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     return checkpoint
 
 
+def checkpoint_step(path: str | os.PathLike) -> int:
+    """The global step a training checkpoint was saved at, read without loading its tensors."""
+    return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["global_step"])
+
+
 def shape_differences(
     path: str | os.PathLike, module: torch.nn.Module
 ) -> list[tuple[str, torch.Size | None, torch.Size | None]]:
@@ -57,7 +62,7 @@ def shape_differences(
     return [(name, theirs.get(name), ours.get(name)) for name in names]
 
 
-def model_from_checkpoint(checkpoint: dict[str, Any]) -> tuple[CLIP, Tokenizer]:
+def model_from_checkpoint(checkpoint: dict[str, Any]) -> tuple[CLIP, TextTokenizer]:
     """Rebuilds the trained model (eval mode, on CPU) and its tokenizer from a checkpoint dict."""
     meta = checkpoint[CHECKPOINT_KEY]
     config = CLIPConfig.from_dict(meta["model_config"])
@@ -68,4 +73,4 @@ def model_from_checkpoint(checkpoint: dict[str, Any]) -> tuple[CLIP, Tokenizer]:
         k[len(STATE_DICT_PREFIX) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(STATE_DICT_PREFIX)
     }
     model.load_state_dict(state)
-    return model.eval(), Tokenizer.from_state_dict(meta["tokenizer"])
+    return model.eval(), tokenizer_from_state_dict(meta["tokenizer"])

@@ -36,6 +36,7 @@ from safetensors.torch import load_file, save_file
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
 from clip_pl.api import read_state_dict
+from clip_pl.atomic import atomic_output
 from clip_pl.errors import USER_ERRORS, report_user_error
 from clip_pl.export import is_safetensors_file
 from clip_pl.model import CLIP, ImageTower, get_model_config
@@ -141,6 +142,85 @@ def convert_openclip_text_tower(state_dict: dict[str, torch.Tensor]) -> dict[str
     return converted
 
 
+# timm CLIP ViT block names -> OpenCLIP's: the inverse of timm's ``_convert_openai_clip`` inside the blocks.
+_IMAGE_BLOCK_RENAMES = (
+    ("blocks.", "transformer.resblocks."),
+    (".norm1.", ".ln_1."),
+    (".norm2.", ".ln_2."),
+    (".attn.qkv.", ".attn.in_proj_"),
+    (".attn.proj.", ".attn.out_proj."),
+    (".mlp.fc1.", ".mlp.c_fc."),
+    (".mlp.fc2.", ".mlp.c_proj."),
+)
+_IMAGE_BLOCK_KEYS = tuple(
+    f"{name}.{p}" for name in ("ln_1", "attn.out_proj", "ln_2", "mlp.c_fc", "mlp.c_proj") for p in ("weight", "bias")
+) + ("attn.in_proj_weight", "attn.in_proj_bias")
+# timm keys outside the blocks, with their OpenCLIP key and the reshape between the two layouts.
+_IMAGE_TOP_KEYS = {
+    "cls_token": ("class_embedding", lambda v: v.reshape(-1)),  # [1, 1, width] -> [width]
+    "pos_embed": ("positional_embedding", lambda v: v[0]),  # [1, tokens, width] -> [tokens, width]
+    "patch_embed.proj.weight": ("conv1.weight", lambda v: v),
+    "norm_pre.weight": ("ln_pre.weight", lambda v: v),
+    "norm_pre.bias": ("ln_pre.bias", lambda v: v),
+    "norm.weight": ("ln_post.weight", lambda v: v),
+    "norm.bias": ("ln_post.bias", lambda v: v),
+}
+
+
+def openclip_image_state_dict(image_tower: ImageTower) -> dict[str, torch.Tensor]:
+    """The ``visual.*`` state dict of OpenCLIP's ViT holding ``image_tower``'s weights.
+
+    The inverse of ``convert_openclip_image_tower``: ``visual.proj`` is our projection transposed.
+
+    Raises:
+        ValueError: The trunk is not a CLIP ViT as OpenCLIP builds it: it has a tensor OpenCLIP has no
+            place for (layer scale, register tokens, q/k norms...) or lacks one (a bias turned off).
+    """
+    visual = {}
+    for key, value in image_tower.trunk.state_dict().items():
+        if key in _IMAGE_TOP_KEYS:
+            key, reshape = _IMAGE_TOP_KEYS[key]
+            value = reshape(value)
+        elif key.startswith("blocks."):
+            for old, new in _IMAGE_BLOCK_RENAMES:
+                key = key.replace(old, new)
+        visual[f"visual.{key}"] = value
+    visual["visual.proj"] = image_tower.proj.weight.T
+    expected = {f"visual.{name}" for name, _ in _IMAGE_TOP_KEYS.values()} | {"visual.proj"}
+    blocks = range(len(image_tower.trunk.blocks))
+    expected |= {f"visual.transformer.resblocks.{i}.{key}" for i in blocks for key in _IMAGE_BLOCK_KEYS}
+    extra, missing = sorted(visual.keys() - expected), sorted(expected - visual.keys())
+    if extra or missing:
+        raise ValueError(
+            f"OpenCLIP's ViT cannot hold the image tower {image_tower.config.name!r} (no place for {extra[:3]}, "
+            f"nothing for {missing[:3]}); the export handles CLIP ViTs with timm's default options only: no "
+            "model.image.model_kwargs other than patch_size, depth, embed_dim, num_heads and mlp_ratio"
+        )
+    return visual
+
+
+def openclip_state_dict(model: CLIP) -> dict[str, torch.Tensor]:
+    """The state dict of OpenCLIP's ``CLIP`` holding ``model``'s weights: the inverse of ``load_openclip_model``.
+
+    Returns:
+        ``visual.*`` (see ``openclip_image_state_dict``), the text transformer under its top-level
+        OpenCLIP keys with ``text_projection`` our projection transposed, ``logit_scale`` and, where the
+        model has one, ``logit_bias``; detached views of the model's tensors.
+    """
+    state = openclip_image_state_dict(model.image_tower)
+    for key, value in model.text_tower.state_dict().items():
+        if key.startswith("blocks."):
+            # Reversed, so that "blocks." becomes "transformer.resblocks." after the names inside a block.
+            for old, new in reversed(_TEXT_RENAMES):
+                key = key.replace(new, old)
+        state[key] = value
+    state["text_projection"] = state.pop("proj.weight").T
+    state["logit_scale"] = model.logit_scale
+    if model.logit_bias is not None:
+        state["logit_bias"] = model.logit_bias
+    return {k: v.detach() for k, v in state.items()}
+
+
 def load_openclip_model(model: CLIP, state_dict: dict[str, torch.Tensor]) -> None:
     """Loads a whole OpenAI/OpenCLIP ViT CLIP: both towers, the logit scale and, where present, the logit bias.
 
@@ -167,7 +247,8 @@ def _check_shapes(visual: dict[str, torch.Tensor], trunk: VisionTransformer, nam
         raise ValueError(
             f"the weights are a ViT of width {theirs[0]}, {theirs[1]} blocks, patch {theirs[2]}, but the image "
             f"tower {name!r} has width {ours[0]}, {ours[1]} blocks, patch {ours[2]}; pick the matching model "
-            "(vit_b32: 768/12/32, vit_b16: 768/12/16, vit_l14: 1024/24/14)"
+            "(vit_b32: 768/12/32, vit_b16: 768/12/16, vit_l14: 1024/24/14, vit_h14: 1280/32/14, vit_g14: 1408/40/14, "
+            "vit_bigg14: 1664/48/14), or model=openclip, which reads it from the pretrained model"
         )
 
 
@@ -179,7 +260,7 @@ def load_openclip_image_tower(model: CLIP, state_dict: dict[str, torch.Tensor]) 
             f"the weights project to {converted['proj.weight'].shape[0]} dimensions but the model's embed_dim is "
             f"{model.config.embed_dim}; build the model with embed_dim={converted['proj.weight'].shape[0]}"
         )
-    model.image_tower.load_state_dict(converted)
+    load_tower(model, "image_tower", converted, "the OpenCLIP/OpenAI weights")
 
 
 def load_towers(model: CLIP, path: str | os.PathLike, towers: Sequence[str] = TOWERS) -> None:
@@ -214,14 +295,18 @@ def load_tower(model: CLIP, tower: str, weights: dict[str, torch.Tensor], source
         weights: The tower's state dict, without the tower prefix.
         source: Where the weights come from, for the error message.
     """
-    try:
-        getattr(model, tower).load_state_dict(weights)
-    except RuntimeError as e:
-        part = tower.split("_")[0]
+    ours = {k: v.shape for k, v in getattr(model, tower).state_dict().items()}
+    theirs = {k: v.shape for k, v in weights.items()}
+    differ = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
+    if differ:
+        key, part = differ[0], tower.split("_")[0]
+        shape_there, shape_here = (list(d[key]) if key in d else "absent" for d in (theirs, ours))
         raise ValueError(
-            f"the {tower} of {source} does not fit this model; build the model with that run's {part} "
-            f"config (model=..., model.{part}.*). Details: {e}"
-        ) from None
+            f"the {tower} of {source} does not fit this model ({len(differ)} tensors differ, first {tower}.{key}: "
+            f"{shape_there} there, {shape_here} here); build the model with that model's {part} config "
+            f"(model=..., model.{part}.*)"
+        )
+    getattr(model, tower).load_state_dict(weights)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -244,7 +329,8 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as e:
         return report_user_error(e)
     trunk = {k[len("trunk.") :]: v.contiguous() for k, v in converted.items() if k.startswith("trunk.")}
-    save_file(trunk, args.output)
+    with atomic_output(args.output) as tmp:
+        save_file(trunk, tmp)
     print(
         f"wrote {args.output}: {len(trunk)} trunk tensors for {tower.config.name!r}. Train with "
         f"model.image.weights={args.output}; the projection (proj) is not included and starts random."

@@ -12,12 +12,17 @@ import sys
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError)
 
 
-def report_user_error(error: BaseException) -> int:
-    """Prints ``error: <message>`` to stderr and returns the exit status for it."""
+def user_error_line(error: BaseException) -> str:
+    """The one line that reports ``error``: ``error: <message>``."""
     message = str(error)
     # A DataLoader worker's error reaches the main process with the worker's traceback in its
     # message; its last line holds the original message.
     if "\nOriginal Traceback (most recent call last):" in message:
         message = message.rstrip().splitlines()[-1].partition(": ")[2] + " (in a DataLoader worker)"
-    print(f"error: {message}", file=sys.stderr)
+    return f"error: {message}"
+
+
+def report_user_error(error: BaseException) -> int:
+    """Prints ``error: <message>`` to stderr and returns the exit status for it."""
+    print(user_error_line(error), file=sys.stderr)
     return 2

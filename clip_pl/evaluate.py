@@ -7,6 +7,7 @@ Usage::
     python -m clip_pl.evaluate --checkpoint last.ckpt --zeroshot-shards "val-{000..009}.tar" \\
         --classnames classes.txt --label-key json:label
     python -m clip_pl.evaluate --checkpoint last.ckpt --retrieval-shards "coco-val-{000..004}.tar" --json
+    python -m clip_pl.evaluate --checkpoint ViT-B-32.pt --zeroshot-folder imagenet/val   # OpenAI's file
 
 Zero-shot data is a folder with one sub-folder per class, or shards with a class index per
 sample; retrieval data is image-caption shards, one caption per image, read by the same code as
@@ -25,7 +26,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from clip_pl.api import load
+from clip_pl.api import add_model_arguments, load
 from clip_pl.errors import USER_ERRORS, report_user_error
 from clip_pl.evaluation import ZeroShotTask, resolve_templates, run_retrieval
 from clip_pl.model import CLIP
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m clip_pl.evaluate", description="Zero-shot classification and retrieval metrics of a model."
     )
-    parser.add_argument("--checkpoint", required=True, help="training checkpoint (.ckpt) or exported .safetensors")
+    add_model_arguments(parser)
     zero_shot = parser.add_argument_group("zero-shot classification")
     data = zero_shot.add_mutually_exclusive_group()
     data.add_argument("--zeroshot-folder", help="folder with one sub-folder of images per class")
@@ -96,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
 
     results: dict[str, dict[str, float]] = {}
     try:
-        model, preprocess, tokenizer = load(args.checkpoint, device=args.device)
+        model, preprocess, tokenizer = load(args.checkpoint, device=args.device, openclip_model=args.openclip_model)
         if zero_shot_data:
             name = args.name or os.path.basename(os.path.normpath(zero_shot_data)).split("{")[0] or "zeroshot"
             task = ZeroShotTask(

@@ -5,8 +5,10 @@ safetensors string metadata, everything else needed to rebuild the model:
 
 - ``format``: ``"clip_pl"``, and ``format_version``: ``"1"``;
 - ``model_config``: ``CLIPConfig.to_dict()`` as JSON;
-- ``tokenizer_model``: the SentencePiece model bytes, base64;
-- ``tokenizer_context_length`` and ``tokenizer_lowercase`` (``"true"``/``"false"``).
+- ``tokenizer_kind``: ``"sentencepiece"`` (the default when absent) or ``"openclip_bpe"``;
+- ``tokenizer_model``: the SentencePiece model bytes, or the gzipped BPE merges file, base64;
+- ``tokenizer_context_length`` and ``tokenizer_lowercase`` (``"true"``/``"false"``; always
+  ``"false"`` for ``openclip_bpe``, which lowercases as part of its own clean-up).
 
 Unlike a training checkpoint it carries no optimizer state and reading it never unpickles
 anything, so it is safe to load from an untrusted source.
@@ -14,6 +16,10 @@ anything, so it is safe to load from an untrusted source.
 Usage::
 
     python -m clip_pl.export checkpoints/last.ckpt model.safetensors
+
+``--format open_clip`` writes a folder for open_clip instead (``clip_pl.export_openclip``)::
+
+    python -m clip_pl.export --format open_clip checkpoints/last.ckpt model_dir
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import json
 import os
 import struct
 import sys
+import warnings
 
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
@@ -33,7 +40,7 @@ from clip_pl.atomic import atomic_output
 from clip_pl.checkpoint import model_from_checkpoint, read_checkpoint
 from clip_pl.errors import USER_ERRORS, report_user_error
 from clip_pl.model import CLIP, CLIPConfig
-from clip_pl.tokenizer import Tokenizer
+from clip_pl.tokenizer import TextTokenizer, Tokenizer, tokenizer_from_state_dict
 
 FORMAT = "clip_pl"
 FORMAT_VERSION = "1"
@@ -51,7 +58,12 @@ def is_safetensors_file(path: str | os.PathLike) -> bool:
     return len(head) == 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] > 1
 
 
-def export_model(model: CLIP, tokenizer: Tokenizer, path: str | os.PathLike) -> None:
+def _tokenizer_bytes(tokenizer: TextTokenizer) -> bytes:
+    state = tokenizer.state_dict()
+    return state["model_proto"] if tokenizer.kind == Tokenizer.kind else state["merges"]
+
+
+def export_model(model: CLIP, tokenizer: TextTokenizer, path: str | os.PathLike) -> None:
     """Writes ``model`` and ``tokenizer`` to one safetensors file.
 
     The file is written next to ``path`` and renamed into place, so an interrupted export never
@@ -64,9 +76,10 @@ def export_model(model: CLIP, tokenizer: Tokenizer, path: str | os.PathLike) -> 
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "model_config": json.dumps(config.to_dict()),
-        "tokenizer_model": base64.b64encode(tokenizer.model_proto).decode("ascii"),
+        "tokenizer_kind": tokenizer.kind,
+        "tokenizer_model": base64.b64encode(_tokenizer_bytes(tokenizer)).decode("ascii"),
         "tokenizer_context_length": str(tokenizer.context_length),
-        "tokenizer_lowercase": "true" if tokenizer.lowercase else "false",
+        "tokenizer_lowercase": "true" if getattr(tokenizer, "lowercase", False) else "false",
     }
     # safetensors stores plain contiguous buffers; views and non-contiguous tensors must be copied.
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
@@ -87,7 +100,7 @@ def _bad(path: str, what: str) -> ValueError:
     )
 
 
-def _tokenizer_from_metadata(path: str, metadata: dict[str, str]) -> Tokenizer:
+def _tokenizer_from_metadata(path: str, metadata: dict[str, str]) -> TextTokenizer:
     try:
         model_proto = base64.b64decode(metadata["tokenizer_model"], validate=True)
     except binascii.Error as e:
@@ -101,8 +114,13 @@ def _tokenizer_from_metadata(path: str, metadata: dict[str, str]) -> Tokenizer:
     lowercase = metadata["tokenizer_lowercase"]
     if lowercase not in ("true", "false"):
         raise _bad(path, f"tokenizer_lowercase must be 'true' or 'false', got {lowercase!r}")
+    kind = metadata.get("tokenizer_kind", Tokenizer.kind)
+    if kind == Tokenizer.kind:
+        state = {"model_proto": model_proto, "lowercase": lowercase == "true"}
+    else:
+        state = {"merges": model_proto}
     try:
-        return Tokenizer(model_proto, context_length=context_length, lowercase=lowercase == "true")
+        return tokenizer_from_state_dict({**state, "kind": kind, "context_length": context_length})
     except (RuntimeError, ValueError) as e:
         raise _bad(path, f"the tokenizer cannot be rebuilt ({e})") from None
 
@@ -118,7 +136,7 @@ def _config_from_metadata(path: str, metadata: dict[str, str]) -> CLIPConfig:
     return config
 
 
-def read_exported(path: str | os.PathLike) -> tuple[CLIP, Tokenizer]:
+def read_exported(path: str | os.PathLike) -> tuple[CLIP, TextTokenizer]:
     """Rebuilds the model (eval mode, on CPU) and tokenizer from an exported file.
 
     Raises:
@@ -169,15 +187,48 @@ def read_exported(path: str | os.PathLike) -> tuple[CLIP, Tokenizer]:
     return model.eval(), tokenizer
 
 
+def _export_openclip(source: str, directory: str) -> None:
+    # Imported here: export_openclip reads models through clip_pl.api, which imports this module.
+    from clip_pl.export_openclip import TOKENIZER_FILE, WEIGHTS_FILE, export_openclip_file
+    from clip_pl.openclip_models import CONFIG_FILE
+
+    # Recorded rather than shown, so that each becomes one plain line after the summary.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        export_openclip_file(source, directory)
+    files = [f for f in (CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE) if os.path.isfile(os.path.join(directory, f))]
+    size_mb = os.path.getsize(os.path.join(directory, WEIGHTS_FILE)) / 2**20
+    print(
+        f"wrote {directory}: {', '.join(files)} ({size_mb:.1f} MiB of weights); load it with "
+        f"open_clip.create_model_and_transforms('local-dir:{directory}')"
+    )
+    for warning in caught:
+        print(f"warning: {warning.message}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m clip_pl.export",
-        description="Export a training checkpoint to one self-contained .safetensors file for inference.",
+        description="Export a training checkpoint to one self-contained .safetensors file for inference, "
+        "or (--format open_clip) to a folder that open_clip loads.",
     )
-    parser.add_argument("checkpoint", help="training checkpoint (.ckpt) written by train.py")
-    parser.add_argument("output", help="file to write, e.g. model.safetensors")
+    parser.add_argument(
+        "checkpoint",
+        help="training checkpoint (.ckpt) written by train.py; with --format open_clip also a clip_pl .safetensors",
+    )
+    parser.add_argument("output", help="file to write, e.g. model.safetensors; with --format open_clip, a folder")
+    parser.add_argument(
+        "--format",
+        choices=(FORMAT, "open_clip"),
+        default=FORMAT,
+        help="clip_pl: one .safetensors file for clip_pl.load (default); open_clip: open_clip_config.json and "
+        "open_clip_model.safetensors for open_clip.create_model_and_transforms('local-dir:OUTPUT')",
+    )
     args = parser.parse_args(argv)
     try:
+        if args.format == "open_clip":
+            _export_openclip(args.checkpoint, args.output)
+            return 0
         export_checkpoint(args.checkpoint, args.output)
     except USER_ERRORS as e:
         return report_user_error(e)

@@ -1,4 +1,4 @@
-"""Starting a run from pretrained weights: towers of an earlier clip_pl model, or an OpenCLIP image encoder.
+"""Starting a run from pretrained weights: towers of an earlier clip_pl model, or an OpenAI/OpenCLIP model.
 
 ``init_from_pretrained`` fills a freshly built model before training; ``train.py`` calls it with the
 config's ``init`` block. A new tokenizer (captions in another language, as RuCLIP did) is handled
@@ -20,14 +20,14 @@ from clip_pl.checkpoint import CHECKPOINT_KEY, STATE_DICT_PREFIX, read_checkpoin
 from clip_pl.convert import TOWERS, load_openclip_image_tower, load_tower, read_weights_file
 from clip_pl.export import is_safetensors_file, read_exported
 from clip_pl.model import CLIP
-from clip_pl.tokenizer import Tokenizer
+from clip_pl.tokenizer import TextTokenizer, tokenizer_from_state_dict
 
 log = logging.getLogger(__name__)
 
 _TOKEN_EMBEDDING = "token_embedding.weight"
 
 
-def _read_model_file(path: str) -> tuple[dict[str, torch.Tensor], Tokenizer]:
+def _read_model_file(path: str) -> tuple[dict[str, torch.Tensor], TextTokenizer]:
     """The ``CLIP`` state dict and the tokenizer stored in a ``.ckpt`` or exported ``.safetensors`` file."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"init.from_checkpoint {path!r} not found")
@@ -39,25 +39,21 @@ def _read_model_file(path: str) -> tuple[dict[str, torch.Tensor], Tokenizer]:
     state = {
         k[len(STATE_DICT_PREFIX) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(STATE_DICT_PREFIX)
     }
-    return state, Tokenizer.from_state_dict(checkpoint[CHECKPOINT_KEY]["tokenizer"])
-
-
-def _pieces(tokenizer: Tokenizer) -> list[str]:
-    return [tokenizer.sp.id_to_piece(i) for i in range(tokenizer.vocab_size)]
+    return state, tokenizer_from_state_dict(checkpoint[CHECKPOINT_KEY]["tokenizer"])
 
 
 def _load_text_tower(
     model: CLIP,
     weights: dict[str, torch.Tensor],
-    tokenizer: Tokenizer,
-    theirs: Tokenizer,
+    tokenizer: TextTokenizer,
+    theirs: TextTokenizer,
     new_token_embedding: bool,
     path: str,
 ) -> None:
     if new_token_embedding:
         # The model's own, freshly initialised rows stand in for the pretrained ones.
         weights = {**weights, _TOKEN_EMBEDDING: model.text_tower.token_embedding.weight}
-    elif _pieces(tokenizer) != _pieces(theirs):
+    elif tokenizer.vocabulary() != theirs.vocabulary():
         raise ValueError(
             f"init.from_checkpoint {path!r} was trained with another tokenizer ({theirs.vocab_size} pieces) than "
             f"tokenizer.path ({tokenizer.vocab_size} pieces), so its token embedding rows stand for other tokens; "
@@ -68,7 +64,7 @@ def _load_text_tower(
 
 
 def _load_from_checkpoint(
-    model: CLIP, tokenizer: Tokenizer, path: str, towers: list[str], new_token_embedding: bool
+    model: CLIP, tokenizer: TextTokenizer, path: str, towers: list[str], new_token_embedding: bool
 ) -> None:
     state, theirs = _read_model_file(path)
     loaded = []
@@ -93,10 +89,11 @@ def _load_from_checkpoint(
 
 def init_from_pretrained(
     model: CLIP,
-    tokenizer: Tokenizer,
+    tokenizer: TextTokenizer,
     from_checkpoint: str | None = None,
     towers: Sequence[str] = TOWERS,
     image_tower: str | None = None,
+    openclip: str | None = None,
     new_token_embedding: bool = False,
 ) -> None:
     """Loads pretrained weights into ``model`` in place; with no file given it does nothing.
@@ -110,9 +107,12 @@ def init_from_pretrained(
             models have one; with one tower they start fresh, since they belong to the pair.
         image_tower: An OpenAI/OpenCLIP ViT state dict (``visual.*`` keys; ``.safetensors``, ``.bin`` or
             ``.pt``) for the image tower, projection included; see ``clip_pl.convert``.
-        new_token_embedding: Load the text tower of ``from_checkpoint`` except its token embedding, which
-            keeps the model's initialisation: required when ``tokenizer`` is not the one that file was
-            trained with.
+        openclip: A whole OpenAI/OpenCLIP ViT CLIP (hub-style folder, weights file, or OpenAI's
+            TorchScript file; see ``clip_pl.openclip_models``): both towers, the logit scale and bias.
+            ``model`` must have its architecture (``model=openclip`` builds it).
+        new_token_embedding: Load the text tower of ``from_checkpoint`` or ``openclip`` except its token
+            embedding, which keeps the model's initialisation: required when ``tokenizer`` is not the
+            one that model was trained with.
     """
     towers = list(towers)
     if from_checkpoint is not None and (not towers or any(t not in TOWERS for t in towers)):
@@ -122,11 +122,25 @@ def init_from_pretrained(
             "init.image_tower and init.from_checkpoint both give the image tower; "
             "set init.towers=[text_tower] or init.image_tower=null"
         )
-    if new_token_embedding and from_checkpoint is None:
+    if openclip is not None and (from_checkpoint is not None or image_tower is not None):
+        raise ValueError("init.openclip gives both towers; set init.from_checkpoint and init.image_tower to null")
+    if new_token_embedding and from_checkpoint is None and openclip is None:
         raise ValueError(
-            "init.new_token_embedding=true loads the text tower of init.from_checkpoint, which is not set: set "
-            "init.from_checkpoint, or init.new_token_embedding=false to train the text tower from scratch"
+            "init.new_token_embedding=true loads the text tower of init.from_checkpoint or init.openclip, neither of "
+            "which is set: set one, or init.new_token_embedding=false to train the text tower from scratch"
         )
+    if openclip is not None:
+        if not new_token_embedding and tokenizer.kind != "openclip_bpe":
+            raise ValueError(
+                f"init.openclip's text tower knows the ids of OpenAI's BPE, not those of this {tokenizer.kind} "
+                "tokenizer: set tokenizer=openclip_bpe, or init.new_token_embedding=true to give it a new token "
+                "embedding for this tokenizer"
+            )
+        from clip_pl.openclip_models import load_openclip_weights
+
+        load_openclip_weights(model, os.fspath(openclip), new_token_embedding=new_token_embedding)
+        new = " (new token_embedding)" if new_token_embedding else ""
+        log.info("initialised image_tower, text_tower%s and logit_scale from OpenCLIP/OpenAI %s", new, openclip)
     if from_checkpoint is not None:
         _load_from_checkpoint(model, tokenizer, os.fspath(from_checkpoint), towers, new_token_embedding)
     if image_tower is not None:

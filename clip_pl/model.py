@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+from timm.layers import QuickGELU
 from timm.models.vision_transformer import VisionTransformer
 
 # OpenAI CLIP's temperature: initialised at 1/0.07 and capped at 100.
@@ -68,6 +69,9 @@ class TextTowerConfig:
         mlp_ratio: Hidden width of each MLP relative to ``width``.
         pad_id: Padding id of the tokenizer.
         eos_id: End-of-sequence id of the tokenizer; the tower pools the output there.
+        quick_gelu: QuickGELU (``x * sigmoid(1.702 x)``) in the MLPs instead of GELU, as in OpenAI's
+            released CLIPs and OpenCLIP's ``*-quickgelu`` models; it has no weights, so weights
+            trained with the other activation load silently and give shifted features.
         grad_checkpointing: Recompute block activations in backward to save memory.
     """
 
@@ -79,6 +83,7 @@ class TextTowerConfig:
     mlp_ratio: float = 4.0
     pad_id: int = 0
     eos_id: int = 3
+    quick_gelu: bool = False
     grad_checkpointing: bool = False
 
 
@@ -286,13 +291,13 @@ class CausalSelfAttention(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, width: int, heads: int, mlp_ratio: float):
+    def __init__(self, width: int, heads: int, mlp_ratio: float, quick_gelu: bool = False):
         super().__init__()
         hidden = int(width * mlp_ratio)
         self.ln_1 = nn.LayerNorm(width)
         self.attn = CausalSelfAttention(width, heads)
         self.ln_2 = nn.LayerNorm(width)
-        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
+        self.mlp = nn.Sequential(nn.Linear(width, hidden), QuickGELU() if quick_gelu else nn.GELU(), nn.Linear(hidden, width))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x))
@@ -308,7 +313,7 @@ class TextTower(nn.Module):
         c = config
         self.token_embedding = nn.Embedding(c.vocab_size, c.width)
         self.positional_embedding = nn.Parameter(torch.empty(c.context_length, c.width))
-        self.blocks = nn.ModuleList(Block(c.width, c.heads, c.mlp_ratio) for _ in range(c.layers))
+        self.blocks = nn.ModuleList(Block(c.width, c.heads, c.mlp_ratio, c.quick_gelu) for _ in range(c.layers))
         self.ln_final = nn.LayerNorm(c.width)
         self.proj = nn.Linear(c.width, embed_dim, bias=False)
         self._init_weights()
@@ -423,6 +428,19 @@ MODEL_CONFIGS: dict[str, CLIPConfig] = {
     "vit_b16": CLIPConfig(embed_dim=512, image=ImageTowerConfig(name="vit_base_patch16_clip_224"), text=_text(512, 8)),
     "vit_l14": CLIPConfig(
         embed_dim=768, image=ImageTowerConfig(name="vit_large_patch14_clip_224"), text=_text(768, 12)
+    ),
+    "vit_l14_336": CLIPConfig(
+        embed_dim=768, image=ImageTowerConfig(name="vit_large_patch14_clip_336", image_size=336), text=_text(768, 12)
+    ),
+    # OpenCLIP's larger ViTs (LAION-2B): image towers with 80-, 88- and 104-wide heads.
+    "vit_h14": CLIPConfig(
+        embed_dim=1024, image=ImageTowerConfig(name="vit_huge_patch14_clip_224"), text=_text(1024, 16, 24)
+    ),
+    "vit_g14": CLIPConfig(
+        embed_dim=1024, image=ImageTowerConfig(name="vit_giant_patch14_clip_224"), text=_text(1024, 16, 24)
+    ),
+    "vit_bigg14": CLIPConfig(
+        embed_dim=1280, image=ImageTowerConfig(name="vit_gigantic_patch14_clip_224"), text=_text(1280, 20, 32)
     ),
 }
 

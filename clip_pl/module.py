@@ -27,6 +27,11 @@ from clip_pl.tokenizer import Tokenizer
 from clip_pl.transforms import NormalizeImages
 
 
+# The default warmup as a share of the run's steps: between OpenCLIP's long recipes (0.3-1.5%) and the
+# short runs of the demo and the quality benchmark (10-12.5%).
+WARMUP_FRACTION = 0.05
+
+
 @dataclass
 class OptimizerConfig:
     """AdamW with linear warmup, then cosine decay, both per optimizer step.
@@ -37,18 +42,38 @@ class OptimizerConfig:
             temperature are not decayed.
         betas: AdamW betas (CLIP uses (0.9, 0.98) for stability at large batch).
         eps: AdamW epsilon.
-        warmup_steps: Linear warmup length in optimizer steps.
+        warmup_steps: Linear warmup length in optimizer steps; ``None``: ``WARMUP_FRACTION`` of the
+            run's steps, so that a run of any length warms up and then decays.
         min_lr: Learning rate at the end of the cosine.
         fused: Use the fused AdamW kernel (CUDA and CPU); other devices use torch's default.
+
+    Raises:
+        ValueError: Naming the setting as the training config does (``optim.lr``) when a value is
+            out of range.
     """
 
     lr: float = 5e-4
     weight_decay: float = 0.2
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = 1e-6
-    warmup_steps: int = 1000
+    warmup_steps: int | None = None
     min_lr: float = 0.0
     fused: bool = True
+
+    def __post_init__(self) -> None:
+        # torch's AdamW would reject these only when the trainer builds it, after Lightning's start-up
+        # banner, and without the name of the setting.
+        checks = (
+            ("lr", self.lr >= 0, ">= 0"),
+            ("weight_decay", self.weight_decay >= 0, ">= 0"),
+            ("betas", len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "two numbers in [0, 1)"),
+            ("eps", self.eps >= 0, ">= 0"),
+            ("warmup_steps", self.warmup_steps is None or self.warmup_steps >= 0, ">= 0 or null"),
+            ("min_lr", 0 <= self.min_lr <= self.lr, "in [0, optim.lr]"),
+        )
+        for name, ok, rule in checks:
+            if not ok:
+                raise ValueError(f"optim.{name} must be {rule}, got {getattr(self, name)}")
 
 
 def _no_weight_decay(model: CLIP) -> set[str]:
@@ -197,6 +222,8 @@ class CLIPModule(L.LightningModule):
         self.micro_batch_size = micro_batch_size
         self.zero_shot_tasks = list(zero_shot_tasks)
         self._val_features: list[tuple[torch.Tensor, torch.Tensor]] = []
+        # The global step of the weights the newest metrics describe (None before any validation).
+        self.validated_step: int | None = None
         if tokenizer.vocab_size > model.config.text.vocab_size:
             raise ValueError(
                 f"the tokenizer has {tokenizer.vocab_size} tokens but the text tower only "
@@ -293,6 +320,8 @@ class CLIPModule(L.LightningModule):
         # callbacks see them; syncing by max (of equal numbers) keeps them exact and tells
         # Lightning they need no averaging.
         self.log_dict(metrics, sync_dist=True, reduce_fx="max")
+        if not self.trainer.sanity_checking:
+            self.validated_step = self.trainer.global_step
 
     def configure_optimizers(self) -> dict[str, Any]:
         o = self.optim
@@ -302,7 +331,9 @@ class CLIPModule(L.LightningModule):
             o = dataclasses.replace(o, fused=False)
         optimizer = build_optimizer(self.model, o)
         total = int(self.trainer.estimated_stepping_batches)
-        if o.warmup_steps >= total:
+        if o.warmup_steps is None:
+            o = dataclasses.replace(o, warmup_steps=max(1, round(WARMUP_FRACTION * total)))
+        elif o.warmup_steps >= total:
             rank_zero_warn(
                 f"optim.warmup_steps ({o.warmup_steps}) is not smaller than the number of training steps ({total}): "
                 "the cosine decay of the learning rate never starts"

@@ -4,6 +4,8 @@ Usage::
 
     python -m clip_pl.predict --checkpoint model.safetensors --labels "granny smith,ipod,pizza" a.jpg b.jpg
     python -m clip_pl.predict --checkpoint last.ckpt --labels "cat,dog" --templates prompts.txt --json cat.png
+    python -m clip_pl.predict --checkpoint /models/ViT-B-32 --labels "cat,dog" cat.png   # OpenCLIP hub folder
+    python -m clip_pl.predict --checkpoint weights.bin --openclip-model ViT-B-32 --labels "cat,dog" cat.png
 
 For every image it prints the labels ranked by probability, computed as the model was trained to
 score: for a CLIP model a softmax over the temperature-scaled cosine similarities between the image
@@ -22,7 +24,7 @@ from collections.abc import Callable, Sequence
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from clip_pl.api import load
+from clip_pl.api import add_model_arguments, load
 from clip_pl.errors import USER_ERRORS, report_user_error
 from clip_pl.evaluation import build_zero_shot_classifier, resolve_templates
 from clip_pl.model import CLIP
@@ -98,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         description="Rank candidate labels for each image with a trained clip_pl model (zero-shot).",
     )
     parser.add_argument("images", nargs="+", help="image files")
-    parser.add_argument("--checkpoint", required=True, help="training checkpoint (.ckpt) or exported .safetensors")
+    add_model_arguments(parser)
     parser.add_argument("--labels", required=True, help='comma-separated candidate labels, e.g. "cat,dog,car"')
     parser.add_argument(
         "--templates",
@@ -114,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         labels = parse_labels(args.labels)
         templates = resolve_templates(args.templates if args.templates is not None else DEFAULT_TEMPLATE)
         images = [_open_image(path) for path in args.images]
-        model, preprocess, tokenizer = load(args.checkpoint, device=args.device)
+        model, preprocess, tokenizer = load(args.checkpoint, device=args.device, openclip_model=args.openclip_model)
         probabilities = predict(model, preprocess, tokenizer, images, labels, templates)
     except USER_ERRORS as e:
         return report_user_error(e)

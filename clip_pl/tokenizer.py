@@ -1,14 +1,17 @@
-"""SentencePiece tokenizer producing fixed-length id tensors for the text tower.
+"""Tokenizers producing fixed-length id tensors for the text tower; SentencePiece is the default.
 
 Every sequence is ``[bos] pieces... [eos] [pad]...`` of exactly ``context_length`` ids.
 When a caption is too long the pieces are cut and EOS is kept, because the text tower
-pools its output at the EOS position.
+pools its output at the EOS position. A text tower loaded from OpenAI/OpenCLIP keeps the BPE
+it was trained with (``clip_pl.openclip_tokenizer``); both kinds share this interface, and
+``tokenizer_from_state_dict`` rebuilds either from a checkpoint.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Sequence
+from typing import Protocol
 
 import sentencepiece as spm
 import torch
@@ -20,6 +23,29 @@ from clip_pl.atomic import atomic_output
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 
 
+class TextTokenizer(Protocol):
+    """What the text tower, the data pipeline and the model files need of a tokenizer of any kind."""
+
+    kind: str
+    context_length: int
+    vocab_size: int
+    pad_id: int
+    bos_id: int
+    eos_id: int
+
+    def __call__(self, texts: str | Sequence[str]) -> torch.Tensor: ...
+
+    def encode(self, texts: Sequence[str]) -> list[list[int]]: ...
+
+    def decode(self, ids: torch.Tensor | Sequence[int]) -> str: ...
+
+    def vocabulary(self) -> list[str]: ...
+
+    def state_dict(self) -> dict: ...
+
+    def save(self, path: str | os.PathLike) -> None: ...
+
+
 class Tokenizer:
     """Callable SentencePiece tokenizer: ``tokenizer(list_of_str) -> LongTensor[B, L]``.
 
@@ -28,6 +54,8 @@ class Tokenizer:
         context_length: Length of every output row, BOS and EOS included.
         lowercase: Lowercase captions before encoding.
     """
+
+    kind = "sentencepiece"
 
     def __init__(self, model_proto: bytes, context_length: int = 77, lowercase: bool = False):
         if context_length < 3:
@@ -65,11 +93,20 @@ class Tokenizer:
 
     def state_dict(self) -> dict:
         """Everything needed to rebuild this tokenizer; stored inside checkpoints."""
-        return {"model_proto": self.model_proto, "context_length": self.context_length, "lowercase": self.lowercase}
+        return {
+            "kind": self.kind,
+            "model_proto": self.model_proto,
+            "context_length": self.context_length,
+            "lowercase": self.lowercase,
+        }
 
     @classmethod
     def from_state_dict(cls, state: dict) -> Tokenizer:
         return cls(bytes(state["model_proto"]), int(state["context_length"]), bool(state["lowercase"]))
+
+    def vocabulary(self) -> list[str]:
+        """The piece of every id, in id order: two tokenizers with equal vocabularies give equal ids."""
+        return [self.sp.id_to_piece(i) for i in range(self.vocab_size)]
 
     def save(self, path: str | os.PathLike) -> None:
         """Writes the SentencePiece model file (context length and lowercasing are config)."""
@@ -97,6 +134,18 @@ class Tokenizer:
         ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
         special = {self.pad_id, self.bos_id, self.eos_id}
         return self.sp.decode([i for i in ids if i not in special])
+
+
+def tokenizer_from_state_dict(state: dict) -> TextTokenizer:
+    """Rebuilds a tokenizer of either kind from its ``state_dict()`` (older checkpoints: SentencePiece)."""
+    kind = state.get("kind", Tokenizer.kind)
+    if kind == Tokenizer.kind:
+        return Tokenizer.from_state_dict(state)
+    if kind == "openclip_bpe":
+        from clip_pl.openclip_tokenizer import OpenCLIPTokenizer
+
+        return OpenCLIPTokenizer.from_state_dict(state)
+    raise ValueError(f"unknown tokenizer kind {kind!r} (this clip_pl knows sentencepiece and openclip_bpe)")
 
 
 def train_sentencepiece(

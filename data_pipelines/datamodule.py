@@ -34,7 +34,6 @@ from clip_pl.transforms import CROP_RATIO, image_transform
 from data_pipelines.counters import SkipCounters
 from data_pipelines.pipeline import (
     MODES,
-    ShardSet,
     ShardStream,
     ValStream,
     load_shard_set,
@@ -42,7 +41,8 @@ from data_pipelines.pipeline import (
     rank_and_world_size,
     select_val_shards,
 )
-from data_pipelines.samples import DEFAULT_MAX_IMAGE_PIXELS, IMAGE_EXTENSIONS, CaptionKey
+from data_pipelines.samples import DEFAULT_MAX_IMAGE_PIXELS, IMAGE_EXTENSIONS, CaptionKey, check_layout
+from data_pipelines.shards import local_path
 
 # State entries that must match for a resume to continue at the exact sample.
 _LAYOUT_KEYS = ("mode", "seed", "world_size", "num_workers", "batch_size", "samples_per_epoch", "shuffle_buffer")
@@ -109,6 +109,11 @@ class ShardDataModule(LightningDataModule):
         rank: Overrides torch.distributed's rank (tests, notebooks).
         world_size: Overrides torch.distributed's world size; pass it to read ``batches_per_epoch``
             before the process group exists.
+
+    Raises:
+        ValueError: On construction, when a local shard does not exist, a needed shard size is
+            unknown, or the first samples of a local training source hold no image or caption
+            under ``image_keys`` and ``caption_key`` (remote sources: at the first train loader).
     """
 
     def __init__(
@@ -164,7 +169,11 @@ class ShardDataModule(LightningDataModule):
         self._train_decoder = make_decoder(key, train_images, image_keys, max_image_pixels, train_min)
         self._val_decoder = make_decoder(key, val_images, image_keys, max_image_pixels, val_min)
         self._counters = {"train": SkipCounters(num_workers), "val": SkipCounters(num_workers)}
-        self._shards: ShardSet | None = None
+        # Resolved and checked here, so that a missing shard, an unknown size or a wrong caption or
+        # image key stops a run before the trainer starts (and prints its banner).
+        self._shards = load_shard_set(train_shards, train_weights, samples_per_epoch, mode)
+        self._val_urls = None if val_shards is None else select_val_shards(val_shards, val_samples)
+        self._check_layouts(local=True)
         self._stream: ShardStream | None = None
         # Position bookkeeping: the epoch being iterated, the batch it started at, batches yielded
         # since, and a position waiting for the next iteration (from load_state_dict/set_position).
@@ -172,20 +181,28 @@ class ShardDataModule(LightningDataModule):
         self._start = self._yielded = 0
         self._pending: tuple[int, int] | None = None
 
-    def _shard_set(self) -> ShardSet:
-        if self._shards is None:
-            self._shards = load_shard_set(self.train_shards, self.train_weights, self.samples_per_epoch, self.mode)
-        return self._shards
+    def _check_layouts(self, local: bool) -> None:
+        """Reads the first samples of each local (or each remote) training source for the caption and image keys.
+
+        Local sources are checked on construction. Remote ones (URLs, ``pipe:`` commands) only when
+        the first train loader is made: opening them may take long, or hang on a prompt for credentials.
+        """
+        for source in self._shards.sources:
+            if (local_path(source.urls[0]) is not None) == local:
+                decoder = self._train_decoder
+                check_layout(source.urls, decoder.caption_key, decoder.image_keys, source_name=source.spec)
 
     @property
     def batches_per_epoch(self) -> int:
         """Training batches per epoch on each rank: ``samples_per_epoch // (world_size * batch_size)``."""
         _, world_size = rank_and_world_size(self.rank, self.world_size)
-        return self._shard_set().samples_per_epoch // (world_size * self.batch_size)
+        return self._shards.samples_per_epoch // (world_size * self.batch_size)
 
     def train_dataloader(self) -> DataLoader:
+        if self._stream is None:
+            self._check_layouts(local=False)
         self._stream = ShardStream(
-            self._shard_set(),
+            self._shards,
             self.tokenizer,
             self.batch_size,
             self._train_decoder,
@@ -195,6 +212,7 @@ class ShardDataModule(LightningDataModule):
             rank=self.rank,
             world_size=self.world_size,
             counters=self._counters["train"],
+            check=False,
         )
         # Lightning warns that an IterableDataset's length may be wrong with several workers; this
         # one is exact by construction (workers split the count, see data_pipelines.pipeline).
@@ -203,10 +221,10 @@ class ShardDataModule(LightningDataModule):
 
     def val_dataloader(self) -> DataLoader | list:
         """Validation loader (every held-out sample once across ranks), or [] without val_shards."""
-        if self.val_shards is None:
+        if self._val_urls is None:
             return []
         stream = ValStream(
-            select_val_shards(self.val_shards, self.val_samples),
+            self._val_urls,
             self.tokenizer,
             self.val_batch_size,
             self._val_decoder,
@@ -226,7 +244,7 @@ class ShardDataModule(LightningDataModule):
         )
 
     def skipped_counts(self, split: str = "train") -> dict[str, int]:
-        """Samples this rank skipped since the start, summed over its workers, by reason.
+        """Samples this rank skipped since this datamodule was made, summed over its workers, by reason.
 
         Reasons: unreadable_shard (missing, truncated or corrupt tar), missing_image,
         missing_caption (absent or empty), bad_image (undecodable), too_large (over max_image_pixels).
@@ -282,7 +300,7 @@ class ShardDataModule(LightningDataModule):
             "world_size": world_size,
             "num_workers": self.num_workers,
             "batch_size": self.batch_size,
-            "samples_per_epoch": self._shard_set().samples_per_epoch,
+            "samples_per_epoch": self._shards.samples_per_epoch,
             "shuffle_buffer": self.shuffle_buffer,
         }
 

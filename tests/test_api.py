@@ -1,6 +1,8 @@
 import base64
 import json
+import os
 import random
+import stat
 import subprocess
 import sys
 
@@ -59,6 +61,17 @@ def test_export_is_self_contained_safetensors(files):
     assert metadata["format"] == "clip_pl" and metadata["tokenizer_context_length"] == "32"
     assert base64.b64decode(metadata["tokenizer_model"]) == tokenizer.model_proto
     assert json.loads(metadata["model_config"])["embed_dim"] == 64
+
+
+def test_export_follows_the_umask_like_checkpoints(files, tmp_path):
+    """safetensors writes its files 0600; exports get what any new file gets under the umask."""
+    _, _, checkpoint, _ = files
+    old_umask = os.umask(0o027)
+    try:
+        assert export.main([str(checkpoint), str(tmp_path / "model.safetensors")]) == 0
+    finally:
+        os.umask(old_umask)
+    assert stat.S_IMODE(os.stat(tmp_path / "model.safetensors").st_mode) == 0o640
 
 
 def test_format_is_detected_from_content_not_name(files, tmp_path):

@@ -8,6 +8,8 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+import command_line
+
 CONF = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
 EXPERIMENTS = sorted(f[:-5] for f in os.listdir(os.path.join(CONF, "experiment")))
 
@@ -35,6 +37,8 @@ def test_experiment_composes_and_model_builds(experiment):
 def test_demo_schedule_wins_over_group_defaults():
     cfg = compose_train([])
     assert (cfg.trainer.max_steps, cfg.optim.warmup_steps, cfg.optim.lr, cfg.data.batch_size) == (400, 50, 1e-3, 64)
+    # data=webdataset leaves the warmup to the run's length, so the default schedule decays.
+    assert compose_train(["data=webdataset"]).optim.warmup_steps is None
     # An experiment still overrides the data group's choices.
     cfg = compose_train(["experiment=cc3m_rn50"])
     assert (cfg.optim.warmup_steps, cfg.data.batch_size) == (10000, 128)
@@ -73,3 +77,36 @@ def test_gpu_trainer_wraps_in_ddp_only_several_devices(devices, strategy):
                          "trainer.precision=32-true"])
     trainer = instantiate(cfg.trainer, logger=False)
     assert type(trainer.strategy).__name__ == strategy
+
+
+@pytest.mark.parametrize("argv", [
+    [],
+    ["-m", "optim.lr=1e-4,3e-4", "loss=clip,siglip", "seed=range(0,3)"],
+    ["+new=1", "++optim.lr=1", "++run_name=x", "~pictures"],
+    ["-m", "hydra/launcher=slurm", "hydra.launcher.partition=gpu", "hydra.job.chdir=true"],
+    ["--cfg", "job", "model=vit_b16"],
+    ["--help", "optim.lrr=1"],  # left to Hydra
+])
+def test_overrides_that_hydra_takes_pass_the_check(argv):
+    command_line.check_overrides(argv, CONF, "train")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["foo=1"], "unknown config key foo (+foo=VALUE adds a new key)"),
+    (["data=webdataset", "data.caption_keyy=txt"],
+     "unknown config key data.caption_keyy; did you mean data.caption_key? (+data.caption_keyy=VALUE adds a new key)"),
+    (["-m", "hydra/launcher=slurm", "hydra.launcher.partitionn=gpu"],
+     "unknown config key hydra.launcher.partitionn; did you mean hydra.launcher.partition? "
+     "(+hydra.launcher.partitionn=VALUE adds a new key)"),
+    (["hydra/launcher=slurmm"],
+     "unknown option hydra/launcher=slurmm; did you mean hydra/launcher=slurm? "
+     "(options: basic, slurm, submitit_local, submitit_slurm)"),
+    (["-m", "model=tiny,vit_b61"],
+     "unknown option model=vit_b61; did you mean model=vit_b16? (options: openclip, rn50, tiny, vit_b16, vit_b32, "
+     "vit_bigg14, vit_g14, vit_h14, vit_l14, vit_l14_336)"),
+    (["optim.lr=["], "cannot parse the override 'optim.lr=[': no viable alternative at input '['"),
+])
+def test_mistaken_overrides_are_named_with_the_closest_key(argv, message):
+    with pytest.raises(ValueError) as error:
+        command_line.check_overrides(argv, CONF, "train")
+    assert str(error.value) == message

@@ -257,15 +257,25 @@ def test_broken_samples_are_skipped_and_counted(make_tiny_shards, tiny_tokenizer
 def test_wrong_caption_key_fails_fast_naming_the_keys_found(make_tiny_shards, tiny_tokenizer):
     spec, _ = make_tiny_shards([1001])
     start = time.monotonic()
-    dm = datamodule(spec, tiny_tokenizer, caption_key="json:text")
+    # On construction: train.py builds the datamodule before the trainer prints anything.
     with pytest.raises(ValueError) as error:
-        dm.train_dataloader()
+        datamodule(spec, tiny_tokenizer, caption_key="json:text")
     message = str(error.value)
     assert "caption_key='json:text'" in message and "first 1000 samples" in message
     assert "json (1000), png (1000), txt (1000)" in message and "JSON fields are: caption, key" in message
     with pytest.raises(ValueError, match="image file with extension jpg; the samples contain: json"):
-        datamodule(spec, tiny_tokenizer, image_keys=["jpg"]).train_dataloader()
+        datamodule(spec, tiny_tokenizer, image_keys=["jpg"])
     assert time.monotonic() - start < 20
+
+
+def test_missing_shards_fail_on_construction_and_pipe_sources_wait_for_the_loader(make_tiny_shards, tiny_tokenizer):
+    spec, _ = make_tiny_shards([4])
+    with pytest.raises(ValueError, match="1 of the 1 shards of '/nonexistent/val.tar' do not exist"):
+        datamodule(spec, tiny_tokenizer, val_shards="/nonexistent/val.tar")
+    # A pipe: command (here one that fails) is only run by the train loader, never by the constructor.
+    dm = datamodule("pipe:false", tiny_tokenizer, mode="resampled", samples_per_epoch=8)
+    with pytest.raises(ValueError, match="no readable sample in the first shards of source 'pipe:false'"):
+        dm.train_dataloader()
 
 
 @pytest.mark.parametrize("num_workers", [0, 1])

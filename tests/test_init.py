@@ -113,7 +113,8 @@ def test_errors_and_resume(pretrained, demo_overrides, tmp_path):  # noqa: F811
         _model([*demo_overrides, "init.from_checkpoint=/nonexistent.ckpt"], tmp_path)
     # The fine-tuning experiment without the checkpoint it continues: not a silent start from scratch.
     init = OmegaConf.to_container(compose_train(["experiment=finetune_new_language"]).init)
-    with pytest.raises(ValueError, match="new_token_embedding=true loads the text tower of init.from_checkpoint, wh"):
+    with pytest.raises(ValueError, match="new_token_embedding=true loads the text tower of init.from_checkpoint or "
+                                         "init.openclip, neither of which is set"):
         init_from_pretrained(model, tokenizer, **init)
     # A run that resumes takes its weights from its own last.ckpt and does not read init files.
     (tmp_path / "checkpoints").mkdir()

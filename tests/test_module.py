@@ -190,6 +190,15 @@ def test_a_checkpoint_with_timms_scheduler_says_how_to_go_on(tokenizer):
         _module(tokenizer).on_load_checkpoint(old)
 
 
+def test_default_warmup_is_a_share_of_the_run(tokenizer, tmp_path):
+    """Unset, the warmup is 5% of max_steps: a run of any length warms up, then decays to min_lr."""
+    recorder = _LRRecorder()
+    _trainer(tmp_path, 40, [recorder]).fit(_module(tokenizer, warmup_steps=None), _loader(n=320))
+    lrs = [lr[0] for lr in recorder.lrs]
+    assert lrs[:2] == pytest.approx([5e-4, 1e-3])  # round(0.05 * 40) = 2 warmup steps
+    assert lrs[2:] == sorted(lrs[2:], reverse=True) and lrs[-1] < 0.01 * lrs[1]
+
+
 def test_warmup_longer_than_training_is_warned_about(tokenizer, tmp_path):
     recorder = _LRRecorder()
     with pytest.warns(UserWarning, match="optim.warmup_steps"):
@@ -388,3 +397,12 @@ def test_module_adds_no_buffers_for_ddp_to_broadcast(tokenizer):
     # buffer of the module's own (e.g. normalization constants) would hang a DDP validation.
     module = _module(tokenizer)
     assert [n for n, _ in module.named_buffers()] == [f"model.{n}" for n, _ in module.model.named_buffers()]
+
+
+def test_optimizer_settings_out_of_range_name_their_config_key():
+    with pytest.raises(ValueError, match=r"^optim.lr must be >= 0, got -0.001$"):
+        OptimizerConfig(lr=-1e-3)
+    with pytest.raises(ValueError, match=r"^optim.betas must be two numbers in \[0, 1\), got \(0.9, 1.5\)$"):
+        OptimizerConfig(betas=(0.9, 1.5))
+    with pytest.raises(ValueError, match=r"^optim.min_lr must be in \[0, optim.lr\], got 0.1$"):
+        OptimizerConfig(lr=1e-3, min_lr=0.1)

@@ -44,6 +44,11 @@ TRAIN = [
 ]
 
 
+def read_log(path: Path) -> str:
+    # Every task of the job writes into its one output file, so a character may be cut by another's bytes.
+    return path.read_text(errors="replace")
+
+
 def no_cluster(reason: str) -> None:
     """Skips (prints why), or fails where CLIP_PL_REQUIRE_SLURM=1 says the tests must run."""
     reason = f"no SLURM test cluster: {reason}"
@@ -121,7 +126,7 @@ def wait_for(condition: Callable[[], bool], timeout: float, what: str, log: Path
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
-            tail = log.read_text(errors="replace")[-4000:] if log and log.exists() else ""
+            tail = read_log(log)[-4000:] if log and log.exists() else ""
             raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}\n{tail}")
         time.sleep(0.5)
 
@@ -175,9 +180,9 @@ def test_sbatch_template_trains_on_two_nodes(slurm_env, tmp_path):
                     f"run_dir={run}")  # fmt: skip
     log = tmp_path / f"clip_pl_two_nodes-{job_id}.out"
     info = wait_until_finished(slurm_env, job_id, 240, log)
-    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), log.read_text()[-4000:]
+    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), read_log(log)[-4000:]
 
-    output = log.read_text()
+    output = read_log(log)
     assert f"job {job_id} (restart 0) on n[1-2], MASTER_ADDR=127.0.0.1" in output
     # Ranks and world size come from SLURM (SLURM_PROCID, SLURM_NTASKS), one process on each node.
     assert "GLOBAL_RANK: 0, MEMBER: 1/2" in output and "GLOBAL_RANK: 1, MEMBER: 2/2" in output
@@ -201,7 +206,7 @@ def test_signalled_job_checkpoints_requeues_and_resumes_without_losing_a_step(sl
     log = tmp_path / f"clip_pl-{job_id}.out"
     first_run = run / "csv" / "version_0" / "metrics.csv"
     wait_for(lambda: len(train_steps(first_run)) >= 5 or not running(slurm_env, job_id), 240, "5 training steps", log)
-    assert running(slurm_env, job_id), log.read_text()[-4000:]
+    assert running(slurm_env, job_id), read_log(log)[-4000:]
     # What `#SBATCH --signal=USR1@120` does before the time limit: USR1 to every process of the step.
     subprocess.run(["scancel", "--signal=USR1", job_id], env=slurm_env, check=True)
 
@@ -210,7 +215,7 @@ def test_signalled_job_checkpoints_requeues_and_resumes_without_losing_a_step(sl
     # Slurm holds a requeued job ~120 s (BeginTime); release it now to keep the test short.
     subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=slurm_env, check=True)
     info = wait_until_finished(slurm_env, job_id, 300, log)
-    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), log.read_text()[-4000:]
+    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), read_log(log)[-4000:]
 
     # Both ranks saved at the same step; SLURM then terminated the run (no "training stopped" line).
     train_log = (run / "train.log").read_text()
@@ -222,7 +227,7 @@ def test_signalled_job_checkpoints_requeues_and_resumes_without_losing_a_step(sl
     for rank in (0, 1):
         assert f"rank {rank} of 2: training from step {step}; on SIGUSR1: checkpoint and requeue" in lines
         assert f"rank {rank} of 2: training finished at step {target}" in lines
-    output = log.read_text()
+    output = read_log(log)
     assert output.count(f"requeued SLURM job {job_id}") == 1
     assert f"job {job_id} (restart 0)" in output and f"job {job_id} (restart 1)" in output
     # Every step exactly once across the two runs: the first ran 0..step-1, the second step..target-1.
@@ -243,7 +248,7 @@ def test_task_layout_mismatch_ends_the_job_with_one_message(slurm_env, tmp_path)
     )
     log = tmp_path / f"clip_pl_layout-{job_id}.out"
     info = wait_until_finished(slurm_env, job_id, 180, log)
-    output = log.read_text()
+    output = read_log(log)
     assert (info["JobState"], info["ExitCode"]) == ("FAILED", "2:0"), output[-4000:]
     assert re.findall(r"^error: .*$", output, re.M) == [
         "error: SLURM starts 1 task(s) per node but trainer.devices=2; Lightning needs one task per device: "
@@ -284,13 +289,13 @@ def test_hydra_sweep_through_the_slurm_launcher_with_a_requeue_in_each_job(slurm
             return len(signalled) == 2
 
         wait_for(lambda: signal_running_tasks() or proc.poll() is not None, 240, "5 steps in both jobs", launcher_log)
-        assert proc.poll() is None, launcher_log.read_text()[-4000:]
+        assert proc.poll() is None, read_log(launcher_log)[-4000:]
         for task in sorted(signalled):
             wait_for(lambda t=task: job(slurm_env, t)["Restarts"] == "1", 120, f"the requeue of {task}", launcher_log)
             wait_for(lambda t=task: job(slurm_env, t)["JobState"] == "PENDING", 60, f"{task} pending", launcher_log)
             subprocess.run(["scontrol", "update", f"JobId={task}", "StartTime=now"], env=slurm_env, check=True)
         # The interrupted runs reported no result, so the launcher waited for the restarted jobs.
-        assert proc.wait(timeout=300) == 0, launcher_log.read_text()[-4000:]
+        assert proc.wait(timeout=300) == 0, read_log(launcher_log)[-4000:]
     finally:
         if proc.poll() is None:
             proc.kill()

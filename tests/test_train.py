@@ -1,7 +1,9 @@
 """train.py end to end: the real config, composed with overrides, on a small demo dataset."""
 
 import csv
+import json
 import os
+import re
 import subprocess
 import sys
 
@@ -40,8 +42,8 @@ def compose_train(overrides):
         return compose(config_name="train", overrides=list(overrides))
 
 
-def run_cli(args, timeout=300):
-    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+def run_cli(args, timeout=300, env=None):
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=timeout)
 
@@ -133,13 +135,53 @@ def test_rerunning_the_command_resumes(demo_overrides, tmp_path):
     config = (tmp_path / "config.yaml").read_text()
     other = run_cli([*args, "trainer.max_steps=7", "+model.text.width=32"])
     assert other.returncode == 2 and "Traceback" not in other.stderr
+    assert other.stderr.strip().splitlines() == [
+        f"error: {tmp_path} holds a run with another config (model.text.width: (absent) -> 32); for a new run set "
+        "another run_name or run_dir, or add resume=force to resume this one with the new settings"
+    ], other.stderr[-2000:]
+    # Forced, the weights still have to fit the model.
+    forced = run_cli([*args, "trainer.max_steps=7", "+model.text.width=32", "resume=force"])
+    assert forced.returncode == 2 and "Traceback" not in forced.stderr
     assert (
-        f"error: {tmp_path} holds a run of another model (" in other.stderr
-        and "weights differ, e.g. model.text_tower." in other.stderr
+        f"error: {tmp_path} holds a run of another model (" in forced.stderr
+        and "weights differ, e.g. model.text_tower." in forced.stderr
         and f"To resume it, use its config ({tmp_path / 'config.yaml'}); for a new run, set another run_name"
-        in other.stderr
-    ), other.stderr[-2000:]
+        in forced.stderr
+    ), forced.stderr[-2000:]
     assert (tmp_path / "config.yaml").read_text() == config
+
+
+def test_a_finished_run_reports_instead_of_training_and_a_changed_config_stops(demo_overrides, tmp_path, caplog):
+    caplog.set_level("INFO", logger="clip_pl")
+    args = [*demo_overrides, f"run_dir={tmp_path}", "+trainer.val_check_interval=3", "+trainer.limit_val_batches=2"]
+    metrics = train.train(compose_train([*args, "trainer.max_steps=5"]))
+    # Validated at step 3 by the interval, and again at the end: the final metrics are those of step 5.
+    with open(next(tmp_path.rglob("metrics.csv"))) as f:
+        val_steps = [int(row["step"]) for row in csv.DictReader(f) if row.get("val/loss")]
+    # Lightning logs a validation inside fit at the index of the step before it (2), and trainer.validate
+    # after fit at the number of steps done (5).
+    assert val_steps == [2, 5]
+    final = json.loads((tmp_path / "final_metrics.json").read_text())
+    assert final["step"] == 5 and final["metrics"]["val/loss"] == pytest.approx(metrics["val/loss"])
+    assert "Final metrics of the weights at step 5:" in caplog.text
+
+    # The same command again: nothing trained, nothing written, the final metrics reported.
+    checkpoint, config = tmp_path / "checkpoints" / "last.ckpt", (tmp_path / "config.yaml").read_text()
+    mtime = checkpoint.stat().st_mtime_ns
+    caplog.clear()
+    again = train.train(compose_train([*args, "trainer.max_steps=5"]))
+    assert f"{tmp_path} already finished: its last.ckpt is at step 5 (trainer.max_steps=5)" in caplog.text
+    assert again == final["metrics"] and checkpoint.stat().st_mtime_ns == mtime
+
+    # Another seed would leave config.yaml describing weights it did not train: stop before writing.
+    with pytest.raises(ValueError, match=r"another config \(data.seed: 0 -> 1; seed: 0 -> 1\).*add resume=force"):
+        train.train(compose_train([*args, "trainer.max_steps=6", "seed=1"]))
+    assert (tmp_path / "config.yaml").read_text() == config and checkpoint.stat().st_mtime_ns == mtime
+    # Forced: it trains on, and the old config is kept beside the new one.
+    train.train(compose_train([*args, "trainer.max_steps=6", "seed=1", "resume=force"]))
+    assert read_checkpoint(checkpoint)["global_step"] == 6
+    assert (tmp_path / "config.1.yaml").read_text() == config
+    assert "seed: 1" in (tmp_path / "config.yaml").read_text()
 
 
 # The demo's one val shard leaves rank 1 without validation batches. With BatchNorm buffers (resnet18)
@@ -242,19 +284,21 @@ def test_skipped_samples_are_logged_summed_over_ranks(make_tiny_shards, tmp_path
     spec, _ = _broken_shards(make_tiny_shards)
     tokenizer = train_sentencepiece([f"photo {i}" for i in range(40)], tmp_path / "tok.model", vocab_size=40,
                                     byte_fallback=False, num_threads=1)
-    # Each rank's own counts over one epoch (32 samples: 8 batches of 2 per rank), read here.
-    expected = Counter()
-    for rank in range(2):
-        dm = ShardDataModule(spec, tokenizer, batch_size=2, num_workers=1, mode="epoch", seed=0, image_size=32,
-                             max_image_pixels=10_000, rank=rank, world_size=2)
-        assert sum(1 for _ in dm.train_dataloader()) == 8
-        expected.update(dm.skipped_counts())
-    assert expected["bad_image"] >= 1 and expected["missing_caption"] >= 1
+    # Each rank's own counts in each of two epochs (32 samples: 8 batches of 2 per rank), read here.
+    expected = [Counter(), Counter()]
+    for epoch in range(2):
+        for rank in range(2):
+            dm = ShardDataModule(spec, tokenizer, batch_size=2, num_workers=1, mode="epoch", seed=0, image_size=32,
+                                 max_image_pixels=10_000, rank=rank, world_size=2)
+            dm.set_position(epoch)
+            assert sum(1 for _ in dm.train_dataloader()) == 8
+            expected[epoch].update(dm.skipped_counts())
+    assert all(e["bad_image"] >= 1 and e["missing_caption"] >= 1 for e in expected)
 
     result = run_cli([
         "data=webdataset", f"data.train_shards='{spec}'", "data.batch_size=2", "data.num_workers=1", "data.mode=epoch",
         "+data.max_image_pixels=10000", f"tokenizer.path={tmp_path / 'tok.model'}", "model.image.image_size=32",
-        "trainer.devices=2", "trainer.strategy=ddp", "trainer.max_steps=8", "trainer.enable_progress_bar=false",
+        "trainer.devices=2", "trainer.strategy=ddp", "trainer.max_steps=16", "trainer.enable_progress_bar=false",
         "+trainer.limit_val_batches=0", "logger=csv", f"run_dir={tmp_path / 'run'}",
     ], timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -262,6 +306,56 @@ def test_skipped_samples_are_logged_summed_over_ranks(make_tiny_shards, tmp_path
     (metrics,) = (tmp_path / "run").rglob("metrics.csv")
     with open(metrics) as f:
         rows = list(csv.DictReader(f))
-    logged = {k.removeprefix("data/skipped_"): float(v) for row in rows for k, v in row.items()
-              if k.startswith("data/skipped_") and v}
-    assert logged == {k: float(v) for k, v in expected.items()}
+    # One row per epoch with that epoch's counts, not the running total.
+    logged = [{k.removeprefix("data/skipped_"): float(v) for k, v in row.items() if k.startswith("data/skipped_")}
+              for row in rows if row.get("data/skipped_bad_image")]
+    assert logged == [{k: float(v) for k, v in e.items()} for e in expected]
+
+
+@pytest.mark.parametrize("args, line", [
+    (["optim.lrr=1"], "error: unknown config key optim.lrr; did you mean optim.lr? (+optim.lrr=VALUE adds a new key)"),
+    # Every option a sweep names is checked before its first job starts.
+    (["-m", "loss=clip,siglip", "model=tiny,vit_b61"],
+     "error: unknown option model=vit_b61; did you mean model=vit_b16? "
+     "(options: openclip, rn50, tiny, vit_b16, vit_b32, vit_bigg14, vit_g14, vit_h14, vit_l14, vit_l14_336)"),
+])
+def test_a_mistaken_override_is_one_line(args, line, tmp_path):
+    result = run_cli([*args, f"run_dir={tmp_path}"], timeout=120)
+    assert (result.returncode, result.stderr, result.stdout) == (2, line + "\n", "")
+
+
+def test_a_data_mistake_is_one_line_before_the_trainer_starts_and_in_train_log(demo_overrides, tmp_path):
+    result = run_cli([*demo_overrides, f"run_dir={tmp_path}", "data.caption_key=json:text"], timeout=120)
+    assert result.returncode == 2
+    *before, last = result.stderr.splitlines()
+    assert last.startswith("error: caption_key='json:text' matches no non-empty caption in the first 512 samples")
+    assert not any("error" in line or "GPU available" in line for line in before), result.stderr[-2000:]
+    assert last in (tmp_path / "train.log").read_text()
+
+
+def test_a_run_prints_no_lightning_noise_and_logs_its_final_metrics(demo_overrides, tmp_path):
+    # Lightning tells everyone who has srun on the PATH to prepend it.
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    (fake_bin / "srun").write_text("#!/bin/sh\nexit 1\n")
+    (fake_bin / "srun").chmod(0o755)
+    result = run_cli([*demo_overrides, f"run_dir={tmp_path / 'run'}", "trainer.max_steps=2",
+                      "+trainer.limit_val_batches=1"], env={"PATH": f"{fake_bin}{os.pathsep}{os.environ['PATH']}"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    output = result.stdout + result.stderr
+    for noise in ("`srun` command", "LeafSpec", "litlogger"):
+        assert noise not in output, output[-3000:]
+    # The final metrics go through the clip_pl logger: to the console and to Hydra's train.log.
+    line = re.search(r"^zeroshot/demo_colour/top1 +[0-9.]+$", result.stdout, re.M)
+    assert line and line[0] in (tmp_path / "run" / "train.log").read_text()
+
+
+def test_a_resumed_run_shows_its_epoch_and_length(demo_overrides, tmp_path, capsys):
+    args = [*demo_overrides, f"run_dir={tmp_path}", "+trainer.limit_val_batches=0", "checkpoint.every_n_steps=1"]
+    train.train(compose_train([*args, "trainer.max_steps=2"]))
+    capsys.readouterr()
+    train.train(compose_train([*args, "trainer.max_steps=3", "trainer.enable_progress_bar=true"]))
+    bar = capsys.readouterr().out.replace("\r", "\n")
+    # Lightning's own bar read "Training: 3/?" (no epoch, no total) from the first resumed batch on.
+    assert re.search(r"^Epoch \d+: 100%.*\| 3/3 ", bar, re.M), bar[-2000:]
+    assert not re.search(r"\b[1-9]\d*/\?", bar), bar[-2000:]
