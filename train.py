@@ -40,7 +40,7 @@ from clip_pl.errors import USER_ERRORS, report_user_error, user_error_line
 from clip_pl.init import init_from_pretrained
 from clip_pl.openclip_models import openclip_model_config
 from clip_pl.progress import ProgressBar
-from clip_pl.run_dir import changed_keys, flatten, format_metrics, read_final_metrics, write_final_metrics
+from clip_pl.run_dir import config_changes, format_metrics, read_final_metrics, write_final_metrics
 from clip_pl.slurm import RequeueOnSignal, check_task_layout, is_slurm_task, stopped_for_requeue
 from command_line import check_overrides
 
@@ -131,8 +131,9 @@ def build(cfg: DictConfig, run_dir: str) -> tuple[L.LightningModule, L.Lightning
     tokenizer = instantiate(cfg.tokenizer)
     text = {"vocab_size": tokenizer.vocab_size, "pad_id": tokenizer.pad_id, "eos_id": tokenizer.eos_id}
     model = instantiate(cfg.model, text={**text, **cfg.model.text}, _convert_="all")
+    last = os.path.join(run_dir, "checkpoints", "last.ckpt")
     # A resuming run takes its weights from last.ckpt, and the pretrained files may be gone by then.
-    if not os.path.isfile(os.path.join(run_dir, "checkpoints", "last.ckpt")):
+    if not os.path.isfile(last):
         init_from_pretrained(model, tokenizer, **OmegaConf.to_container(cfg.init, resolve=True))
     preprocess = model.preprocess_config
     # Built objects go in as plain arguments (_partial_), so Hydra never converts them to config nodes.
@@ -148,7 +149,6 @@ def build(cfg: DictConfig, run_dir: str) -> tuple[L.LightningModule, L.Lightning
         zero_shot_tasks=[instantiate(task, _convert_="all") for task in cfg.zero_shot],
     )
     loggers = [instantiate(c, save_dir=run_dir) for c in (cfg.logger or {}).values()]
-    last = os.path.join(run_dir, "checkpoints", "last.ckpt")
     on_slurm = is_slurm_task()
     callbacks = [
         ModelCheckpoint(
@@ -212,45 +212,41 @@ def check_same_model(checkpoint: str, module: L.LightningModule, run_dir: str) -
         )
 
 
-def check_resumable(cfg: DictConfig, run_dir: str) -> None:
-    """Raises ValueError when ``run_dir`` holds a run whose config differs in more than a resume may change.
+def config_changes_since_saved(cfg: DictConfig, run_dir: str) -> dict[str, tuple]:
+    """The settings in which ``cfg`` differs from the run's saved ``config.yaml`` beyond what a resume may change.
 
-    Runs before anything is written, so the run's ``config.yaml`` keeps describing its weights.
+    Raises:
+        ValueError: There are such settings and ``resume`` is not ``force``; raised before anything is
+            written, so the run's ``config.yaml`` keeps describing its weights.
     """
     if cfg.resume not in RESUME_MODES:
         raise ValueError(f"resume={cfg.resume} is not one of {', '.join(RESUME_MODES)}")
     saved_path = os.path.join(run_dir, "config.yaml")
-    if cfg.resume == "force" or not os.path.isfile(saved_path):
-        return
+    if not os.path.isfile(saved_path):
+        return {}
     saved = OmegaConf.to_container(OmegaConf.load(saved_path))
-    new = OmegaConf.to_container(cfg, resolve=True)
-    changed = changed_keys(saved, new, RESUME_MAY_CHANGE)
-    if changed:
-        old_flat, new_flat = flatten(saved), flatten(new)
-        shown = "; ".join(f"{k}: {old_flat.get(k, '(absent)')} -> {new_flat.get(k, '(absent)')}" for k in changed[:4])
+    changed = config_changes(saved, OmegaConf.to_container(cfg, resolve=True), RESUME_MAY_CHANGE)
+    if changed and cfg.resume != "force":
+        shown = "; ".join(f"{k}: {old} -> {new}" for k, (old, new) in list(changed.items())[:4])
         more = f" and {len(changed) - 4} more" if len(changed) > 4 else ""
         raise ValueError(
             f"{run_dir} holds a run with another config ({shown}{more}); for a new run set another run_name "
             "or run_dir, or add resume=force to resume this one with the new settings"
         )
+    return changed
 
 
-def save_config(cfg: DictConfig, run_dir: str) -> None:
-    """Writes the resolved config to ``run_dir/config.yaml``; a forced change keeps the old one as config.<n>.yaml."""
+def save_config(cfg: DictConfig, run_dir: str, keep_previous: bool) -> None:
+    """Writes the resolved config to ``run_dir/config.yaml``; ``keep_previous`` keeps the old one as config.<n>.yaml."""
     path = os.path.join(run_dir, "config.yaml")
-    text = OmegaConf.to_yaml(cfg, resolve=True)
-    if os.path.isfile(path):
-        with open(path) as f:
-            old = f.read()
-        if changed_keys(OmegaConf.to_container(OmegaConf.create(old)), OmegaConf.to_container(cfg, resolve=True),
-                        RESUME_MAY_CHANGE):
-            n = 1
-            while os.path.exists(os.path.join(run_dir, f"config.{n}.yaml")):
-                n += 1
-            os.replace(path, os.path.join(run_dir, f"config.{n}.yaml"))
-            log.info("resume=force: the previous config is kept as %s", os.path.join(run_dir, f"config.{n}.yaml"))
+    if keep_previous and os.path.isfile(path):
+        n = 1
+        while os.path.exists(os.path.join(run_dir, f"config.{n}.yaml")):
+            n += 1
+        os.replace(path, os.path.join(run_dir, f"config.{n}.yaml"))
+        log.info("resume=force: the previous config is kept as %s", os.path.join(run_dir, f"config.{n}.yaml"))
     with atomic_output(path) as tmp, open(tmp, "w") as f:
-        f.write(text)
+        f.write(OmegaConf.to_yaml(cfg, resolve=True))
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
@@ -258,8 +254,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     run_dir = run_directory(cfg)
     last = os.path.join(run_dir, "checkpoints", "last.ckpt")
     resume = last if os.path.isfile(last) else None
+    # A config.yaml without a last.ckpt describes no weights yet: it is replaced without a check.
+    changed = config_changes_since_saved(cfg, run_dir) if resume else {}
     if resume:
-        check_resumable(cfg, run_dir)
         step = checkpoint_step(resume)
         if 0 < cfg.trainer.max_steps <= step:
             # Nothing to train: say so and show what the run ended with instead of a silent no-op.
@@ -278,7 +275,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         log.info("resuming from %s", resume)
     if rank_zero_only.rank == 0:
         os.makedirs(run_dir, exist_ok=True)
-        save_config(cfg, run_dir)
+        save_config(cfg, run_dir, keep_previous=bool(changed))
         # Left by writers killed mid-write (a checkpoint's is as large as the checkpoint).
         stale = remove_stale_temporaries(run_dir) + remove_stale_temporaries(os.path.dirname(last))
         if stale:

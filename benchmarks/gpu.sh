@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU measurements of benchmarks/RESULTS.md, as run on the lent H100 (see RESULTS.md for the
+# The GPU measurements of benchmarks/RESULTS.md, as run on an H100 (see RESULTS.md for the
 # environment). Usage: bash benchmarks/gpu.sh [throughput|mfu|autotune|micro_batch|profile|train|step_sync|one_gpu_ddp|checkpoint|data] ; logs go to $OUT (default ./gpu-logs).
 #   throughput: train_throughput.py, clip_pl against OpenCLIP (ViT-B/16, micro-batches, RN50)
 #   mfu:        ViT-B/16 eager and compiled (also with CUDA graphs) against OpenCLIP, with device time
@@ -99,7 +99,7 @@ train() { compare module.compile false true; }
 # there is no read outside the logging steps: what one wait for the GPU per step costs.
 step_sync() { compare trainer.enable_progress_bar true false; }
 
-# One GPU inside DDP (what trainer=gpu did before the seventh session: gradients copied through
+# One GPU inside DDP (what trainer=gpu once did: gradients copied through
 # DDP's buckets, the model compiled as one graph per bucket) and without it.
 one_gpu_ddp() { compare trainer.strategy ddp auto; }
 

@@ -85,11 +85,13 @@ def load_model(path: str | os.PathLike, openclip_model: str | None = None) -> tu
     if not os.path.exists(path):
         raise FileNotFoundError(f"model file {path!r} not found")
     # Imported here: openclip_models imports clip_pl.convert, which imports this module.
-    from clip_pl.openclip_models import is_torchscript_file, load_openclip
+    from clip_pl.openclip_models import create_model_from_openclip, is_torchscript_file, load_openclip
 
     if os.path.isdir(path):
-        model, tokenizer = load_openclip(path, openclip_model)
-        return model, _exported_tokenizer(path) or tokenizer
+        tokenizer = _exported_tokenizer(path)
+        if tokenizer is None:
+            return load_openclip(path, openclip_model)
+        return create_model_from_openclip(path, openclip_model, load_weights=True).eval(), tokenizer
     if is_torchscript_file(path):
         return load_openclip(path, openclip_model)
     if is_safetensors_file(path):

@@ -123,8 +123,8 @@ class StopOnSigterm(L.Callback):
 
     Lightning 2.6 handles SIGTERM in runs of several processes by broadcasting from inside the
     signal handler, and by broadcasting rank 0's flag before every batch and reading it with
-    ``.item()``: a wait for the device in every step of every such run (Lightning issue #21487).
-    When one rank alone is signalled, the handler's broadcast and the loop's pair up wrongly and
+    ``.item()``: a wait for the device in every step of every such run
+    (github.com/Lightning-AI/pytorch-lightning/issues/21487). When one rank alone is signalled, the handler's broadcast and the loop's pair up wrongly and
     training hangs (reproduced with two gloo processes; ``benchmarks/RESULTS.md``, B).
 
     For the training of a multi-process run this replaces both: the handler only sets a flag (and,

@@ -56,7 +56,18 @@ def shape_differences(
         ``(name, shape in the checkpoint, shape in the module)`` sorted by name; ``None`` where absent.
     """
     saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["state_dict"]
-    theirs = {name: tensor.shape for name, tensor in saved.items()}
+    return state_shape_differences(saved, module)
+
+
+def state_shape_differences(
+    state: dict[str, torch.Tensor], module: torch.nn.Module
+) -> list[tuple[str, torch.Size | None, torch.Size | None]]:
+    """Tensors whose shape differs between ``state`` and ``module``'s state dict, or that only one has.
+
+    Returns:
+        ``(name, shape in state, shape in the module)`` sorted by name; ``None`` where absent.
+    """
+    theirs = {name: tensor.shape for name, tensor in state.items()}
     ours = {name: tensor.shape for name, tensor in module.state_dict().items()}
     names = sorted(name for name in theirs.keys() | ours.keys() if theirs.get(name) != ours.get(name))
     return [(name, theirs.get(name), ours.get(name)) for name in names]

@@ -37,6 +37,7 @@ from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_
 
 from clip_pl.api import read_state_dict
 from clip_pl.atomic import atomic_output
+from clip_pl.checkpoint import state_shape_differences
 from clip_pl.errors import USER_ERRORS, report_user_error
 from clip_pl.export import is_safetensors_file
 from clip_pl.model import CLIP, ImageTower, get_model_config
@@ -295,12 +296,10 @@ def load_tower(model: CLIP, tower: str, weights: dict[str, torch.Tensor], source
         weights: The tower's state dict, without the tower prefix.
         source: Where the weights come from, for the error message.
     """
-    ours = {k: v.shape for k, v in getattr(model, tower).state_dict().items()}
-    theirs = {k: v.shape for k, v in weights.items()}
-    differ = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
+    differ = state_shape_differences(weights, getattr(model, tower))
     if differ:
-        key, part = differ[0], tower.split("_")[0]
-        shape_there, shape_here = (list(d[key]) if key in d else "absent" for d in (theirs, ours))
+        (key, *shapes), part = differ[0], tower.split("_")[0]
+        shape_there, shape_here = ("absent" if shape is None else list(shape) for shape in shapes)
         raise ValueError(
             f"the {tower} of {source} does not fit this model ({len(differ)} tensors differ, first {tower}.{key}: "
             f"{shape_there} there, {shape_here} here); build the model with that model's {part} config "

@@ -19,7 +19,8 @@ from clip_pl.model import CLIP, CLIPConfig
 # Dense (no 2:4 sparsity) bf16/fp16 tensor-core peaks, FLOP/s, by a piece of
 # torch.cuda.get_device_name(), the first match deciding. From NVIDIA's datasheets, whose headline
 # Hopper and Blackwell figures are with sparsity: halved here. Lightning 2.6's table lists the H200
-# and H100 NVL with sparsity (Lightning issue #21677) and does not know the name "NVIDIA H200".
+# and H100 NVL with sparsity (github.com/Lightning-AI/pytorch-lightning/issues/21677) and does not
+# know the name "NVIDIA H200".
 DENSE_BF16_PEAKS: tuple[tuple[str, float], ...] = (
     ("gh200", 989.5e12),
     ("h200", 989.5e12),

@@ -297,7 +297,8 @@ class Block(nn.Module):
         self.ln_1 = nn.LayerNorm(width)
         self.attn = CausalSelfAttention(width, heads)
         self.ln_2 = nn.LayerNorm(width)
-        self.mlp = nn.Sequential(nn.Linear(width, hidden), QuickGELU() if quick_gelu else nn.GELU(), nn.Linear(hidden, width))
+        activation = QuickGELU() if quick_gelu else nn.GELU()
+        self.mlp = nn.Sequential(nn.Linear(width, hidden), activation, nn.Linear(hidden, width))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x))
@@ -450,6 +451,18 @@ def list_models() -> list[str]:
     return sorted(MODEL_CONFIGS)
 
 
+def replace_tower_fields(
+    config: CLIPConfig, image: dict[str, Any] | None = None, text: dict[str, Any] | None = None
+) -> None:
+    """Sets fields of ``config``'s image and text tower configs in place; an unknown field is a ValueError."""
+    for part, fields in (("image", image), ("text", text)):
+        for key, value in (fields or {}).items():
+            if not hasattr(getattr(config, part), key):
+                allowed = [f.name for f in dataclasses.fields(getattr(config, part))]
+                raise ValueError(f"model.{part}.{key} is not a {part} tower option; options: {', '.join(allowed)}")
+            setattr(getattr(config, part), key, value)
+
+
 def get_model_config(
     name: str,
     *,
@@ -477,12 +490,7 @@ def get_model_config(
     if image and image.get("name", config.image.name) != config.image.name and "model_kwargs" not in image:
         # A preset's timm kwargs (depth, patch size...) belong to its own trunk, not to a replacement.
         config.image.model_kwargs = {}
-    for part, fields in (("image", image), ("text", text)):
-        for key, value in (fields or {}).items():
-            if not hasattr(getattr(config, part), key):
-                allowed = [f.name for f in dataclasses.fields(getattr(config, part))]
-                raise ValueError(f"model.{part}.{key} is not a {part} tower option; options: {', '.join(allowed)}")
-            setattr(getattr(config, part), key, value)
+    replace_tower_fields(config, image, text)
     if embed_dim is not None:
         config.embed_dim = embed_dim
     if init_logit_scale is not None:

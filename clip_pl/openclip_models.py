@@ -32,7 +32,14 @@ from typing import Any
 import torch
 
 from clip_pl.convert import load_openclip_model, read_weights_file
-from clip_pl.model import CLIP, CLIPConfig, ImageTowerConfig, TextTowerConfig, _is_clip_vit
+from clip_pl.model import (
+    CLIP,
+    CLIPConfig,
+    ImageTowerConfig,
+    TextTowerConfig,
+    _is_clip_vit,
+    replace_tower_fields,
+)
 
 CONFIG_FILE = "open_clip_config.json"
 WEIGHTS_FILES = (
@@ -46,7 +53,11 @@ _VISION_KEYS = {"image_size", "layers", "width", "patch_size", "head_width", "ml
 _TEXT_KEYS = {"context_length", "vocab_size", "width", "heads", "layers", "mlp_ratio", "eos_id", "pad_id"}
 _TOP_KEYS = {"embed_dim", "quick_gelu", "vision_cfg", "text_cfg", "init_logit_scale", "init_logit_bias"}
 # Keys OpenCLIP writes, with the values clip_pl builds.
-_NEUTRAL = {("text_cfg", "pool_type"): ("argmax", "eos"), ("text_cfg", "proj_bias"): (False,), ("vision_cfg", "pool_type"): ("tok",)}
+_NEUTRAL = {
+    ("text_cfg", "pool_type"): ("argmax", "eos"),
+    ("text_cfg", "proj_bias"): (False,),
+    ("vision_cfg", "pool_type"): ("tok",),
+}
 
 
 def _base_vit(quick_gelu: bool) -> str:
@@ -67,9 +78,9 @@ def clip_config_from_openclip(model_cfg: dict[str, Any]) -> CLIPConfig:
             if key not in allowed and keys[key] not in _NEUTRAL.get((part, key), ()):
                 where = f"{part}.{key}" if part else key
                 raise ValueError(
-                    f"OpenCLIP config key {where}={keys[key]!r} names a tower clip_pl does not build; it loads OpenCLIP's "
-                    "ViT CLIPs (ViT-B-32 ... ViT-bigG-14, -quickgelu and other image sizes included), not its ResNets or "
-                    "towers hosted by timm or Hugging Face (SigLIP, ConvNeXt, EVA, XLM-R...)"
+                    f"OpenCLIP config key {where}={keys[key]!r} names a tower clip_pl does not build; it loads "
+                    "OpenCLIP's ViT CLIPs (ViT-B-32 ... ViT-bigG-14, -quickgelu and other image sizes included), "
+                    "not its ResNets or towers hosted by timm or Hugging Face (SigLIP, ConvNeXt, EVA, XLM-R...)"
                 )
     if not isinstance(vision.get("layers", 12), int):
         raise ValueError("the OpenCLIP config is a ResNet (vision_cfg.layers is a list), which timm cannot host")
@@ -236,13 +247,17 @@ def _weights_path(source: str) -> str:
     return source
 
 
-def openclip_model_config(source: str | os.PathLike, model_name: str | None = None) -> dict[str, Any]:
+def openclip_model_config(
+    source: str | os.PathLike, model_name: str | None = None, state: dict[str, torch.Tensor] | None = None
+) -> dict[str, Any]:
     """The OpenCLIP ``model_cfg`` of a pretrained model; reads no weights unless they are its only description.
 
     Args:
         source: A hub-style folder, a weights file, or one of OpenAI's TorchScript files.
         model_name: An OpenCLIP model name or a model config ``.json``: required for a bare weights
             file, and it overrides a folder's own config. OpenAI's files need none.
+        state: The source's weights where already read (``read_openclip_weights``), so that an
+            OpenAI file, whose weights are its only description, is not read twice.
     """
     source = os.fspath(source)
     # The weights are not required where a config describes the model: a resumed run builds the
@@ -259,13 +274,12 @@ def openclip_model_config(source: str | os.PathLike, model_name: str | None = No
     weights = _weights_path(source)
     if os.path.isdir(source):
         raise FileNotFoundError(f"{source!r} has no {CONFIG_FILE}; give the model's name or config as model_name")
-    state = _read_torchscript(weights)
-    if state is None:
+    if not is_torchscript_file(weights):
         raise ValueError(
             f"{source!r} is a bare weights file; say which model it holds with an OpenCLIP model name "
             "(e.g. ViT-B-32 or ViT-B-32-quickgelu, as open_clip names it) or a model config .json"
         )
-    return _openai_config(state)
+    return _openai_config(_read_torchscript(weights) if state is None else state)
 
 
 def read_openclip_weights(source: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -293,18 +307,15 @@ def create_model_from_openclip(
         load_weights: Load both towers, the logit scale and bias. ``False`` builds the architecture
             with fresh weights (training fills it through ``init.openclip``, or from its checkpoint).
     """
-    if load_weights:
-        _weights_path(os.fspath(source))  # before building a model that may be large
-    config = clip_config_from_openclip(openclip_model_config(source, model_name))
-    for part, fields in (("image", image), ("text", text)):
-        for key, value in (fields or {}).items():
-            if not hasattr(getattr(config, part), key):
-                raise ValueError(f"model.{part}.{key} is not a {part} tower option")
-            if value is not None:  # null keeps the pretrained model's value
-                setattr(getattr(config, part), key, value)
+    # Read once, before building a model that may be large; an OpenAI file is also its own config.
+    state = read_openclip_weights(source) if load_weights else None
+    config = clip_config_from_openclip(openclip_model_config(source, model_name, state))
+    # null keeps the pretrained model's value
+    image, text = ({k: v for k, v in (part or {}).items() if v is not None} for part in (image, text))
+    replace_tower_fields(config, image, text)
     model = CLIP(config)
-    if load_weights:
-        load_openclip_model(model, read_openclip_weights(source))
+    if state is not None:
+        load_openclip_model(model, state)
     return model
 
 

@@ -13,7 +13,8 @@ class ProgressBar(TQDMProgressBar):
     """``TQDMProgressBar`` that shows ``Epoch N: n/total`` from the first batch of a resumed run.
 
     Lightning sets the bar's description and total in ``on_train_epoch_start``, which it skips when
-    a run resumes in the middle of an epoch (Lightning #20603): the bar then reads ``Training: n/?``.
+    a run resumes in the middle of an epoch
+    (github.com/Lightning-AI/pytorch-lightning/issues/20603): the bar then reads ``Training: n/?``.
     Its total is also the steps left to ``max_steps`` while the bar counts the epoch's batches from
     the epoch's start, so a run resumed after batch ``k`` overruns it (tqdm shows ``n/?`` again).
     Both are set here at the first batch of the run, whose index says how many batches came before.

@@ -16,6 +16,7 @@ from typing import Any
 from clip_pl.atomic import atomic_output
 
 FINAL_METRICS_FILE = "final_metrics.json"
+ABSENT = "(absent)"
 
 
 def flatten(config: Any, prefix: str = "") -> dict[str, Any]:
@@ -32,7 +33,9 @@ def flatten(config: Any, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def changed_keys(saved: Mapping[str, Any], new: Mapping[str, Any], may_change: Iterable[str] = ()) -> list[str]:
+def config_changes(
+    saved: Mapping[str, Any], new: Mapping[str, Any], may_change: Iterable[str] = ()
+) -> dict[str, tuple[Any, Any]]:
     """Dotted keys whose values differ between two configs, except those under a ``may_change`` prefix.
 
     Args:
@@ -41,15 +44,18 @@ def changed_keys(saved: Mapping[str, Any], new: Mapping[str, Any], may_change: I
         may_change: Keys (or key prefixes, e.g. ``"logger"``) a resume may change.
 
     Returns:
-        The differing keys, sorted; a key present in only one config counts as differing.
+        ``{key: (saved value, new value)}`` sorted by key; ``"(absent)"`` stands for a key one config lacks.
     """
     allowed = tuple(may_change)
     old, now = flatten(saved), flatten(new)
-
-    def free(key: str) -> bool:
-        return any(key == p or key.startswith(p + ".") for p in allowed)
-
-    return sorted(k for k in old.keys() | now.keys() if not free(k) and (k not in old or k not in now or old[k] != now[k]))
+    changed = {}
+    for key in sorted(old.keys() | now.keys()):
+        if any(key == p or key.startswith(p + ".") for p in allowed):
+            continue
+        before, after = old.get(key, ABSENT), now.get(key, ABSENT)
+        if before != after:
+            changed[key] = (before, after)
+    return changed
 
 
 def write_final_metrics(run_dir: str | os.PathLike, step: int, metrics: Mapping[str, float]) -> str:
