@@ -86,7 +86,7 @@ RESUME_MAY_CHANGE = (
     "trainer.log_every_n_steps", "trainer.enable_progress_bar", "trainer.enable_model_summary",
     "trainer.val_check_interval", "trainer.check_val_every_n_epoch", "trainer.limit_val_batches",
     "trainer.num_sanity_val_steps",
-    "checkpoint", "logger", "speed_monitor", "pictures", "zero_shot",
+    "checkpoint", "logger", "speed_monitor", "pictures", "zero_shot", "suite",
     "data.num_workers", "data.val_shards", "data.val_samples", "module.compile",
 )
 
@@ -146,7 +146,8 @@ def build(cfg: DictConfig, run_dir: str) -> tuple[L.LightningModule, L.Lightning
         model=model,
         tokenizer=tokenizer,
         loss=instantiate(cfg.loss),
-        zero_shot_tasks=[instantiate(task, _convert_="all") for task in cfg.zero_shot],
+        zero_shot_tasks=[instantiate(task, _convert_="all") for task in cfg.zero_shot]
+        + ([instantiate(cfg.suite)] if cfg.suite.file else []),
     )
     loggers = [instantiate(c, save_dir=run_dir) for c in (cfg.logger or {}).values()]
     on_slurm = is_slurm_task()

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU measurements of benchmarks/RESULTS.md, as run on an H100 (see RESULTS.md for the
-# environment). Usage: bash benchmarks/gpu.sh [throughput|mfu|autotune|micro_batch|profile|train|step_sync|one_gpu_ddp|checkpoint|data] ; logs go to $OUT (default ./gpu-logs).
+# environment). Usage: bash benchmarks/gpu.sh [throughput|mfu|autotune|micro_batch|profile|train|step_sync|one_gpu_ddp|checkpoint|data|suite] ; logs go to $OUT (default ./gpu-logs).
 #   throughput: train_throughput.py, clip_pl against OpenCLIP (ViT-B/16, micro-batches, RN50)
 #   mfu:        ViT-B/16 eager and compiled (also with CUDA graphs) against OpenCLIP, with device time
 #               by kernel kind (where the step's time goes, and the MFU ceiling of its matrix products)
@@ -13,6 +13,8 @@
 #   one_gpu_ddp: train.py compiled on one GPU inside DDP and without it
 #   checkpoint: how long training stops to save ViT-B/16's checkpoint, in the training thread or not
 #   data:       the input pipeline alone on this machine's cores
+#   suite:      the DataComp evaluation suite's images/s and prompts/s for ViT-B/32 and ViT-L/14 in
+#               bf16, and its wall time from them
 set -euo pipefail
 OUT=${OUT:-gpu-logs}
 mkdir -p "$OUT"
@@ -112,6 +114,13 @@ checkpoint() {
 data() {
     python3 benchmarks/data_throughput.py --workers 1 4 8 --pipelines clip_pl openclip --rounds 2 --batches 20 \
         --batch-size 256 2>&1 | tee "$OUT/data_16cores.txt"
+}
+
+suite() {
+    for model in vit_b32 vit_l14; do
+        python3 benchmarks/suite_time.py --model "$model" --device cuda --images 4096 --prompt-classes 1000 \
+            --batch-size 256 --num-workers 12 2>&1 | tee "$OUT/suite_$model.txt"
+    done
 }
 
 "${1:-throughput}"

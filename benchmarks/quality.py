@@ -71,7 +71,8 @@ try:
 except ImportError as e:
     sys.exit(f'error: {e.name} is missing; this benchmark needs scikit-learn and OpenCLIP: pip install -e ".[dev]"')
 
-from clip_pl.evaluation import ZeroShotTask, retrieval_recall, run_retrieval
+from clip_pl.evaluation import ZeroShotTask, run_retrieval
+from clip_pl.metrics import retrieval_recall
 from clip_pl.model import PreprocessConfig
 from clip_pl.transforms import NormalizeImages
 from data_pipelines.datamodule import ShardDataModule

@@ -1,15 +1,38 @@
-"""Labelled evaluation images: an image folder, or WebDataset shards with a class index per sample.
+"""Labelled evaluation images: an image folder, WebDataset shards, or a dataset in clip_benchmark's layout.
 
-Both yield ``(image_tensor, class_index)`` pairs for zero-shot classification. Shards are read with
-``data_pipelines``' sample reader so that image extensions and decoding match training.
+Folders and shards yield ``(image_tensor, target)`` pairs: a class index for zero-shot
+classification, a multi-hot vector for a multi-label set, the list of an image's captions for
+retrieval. Shards are read with ``data_pipelines``' sample reader so that image extensions and
+decoding match training.
+
+clip_benchmark's WebDataset layout (the ``clip-benchmark/wds_*`` sets, DataComp's evaluation sets),
+read as clip_benchmark reads it::
+
+    ROOT/classnames.txt                          one class name per line (classification)
+    ROOT/zeroshot_classification_templates.txt   one prompt per line, "{c}" for the class name
+    ROOT/dataset_type.txt                        "retrieval" or "multilabel"; absent: classification
+    ROOT/test/nshards.txt                        the number of shards, N
+    ROOT/test/0.tar ... ROOT/test/{N-1}.tar      samples: an image (webp, png, jpg or jpeg) and
+                                                 "cls" (class index), "npy" (multi-hot) or "txt"
+                                                 (the image's captions, one per line)
+
+ROOT is a local folder, an ``http(s)://`` folder, or a Hugging Face dataset page
+(``https://huggingface.co/datasets/clip-benchmark/wds_vtab-cifar10/tree/main``).
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
-from collections.abc import Iterator, Sequence
+import urllib.request
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from itertools import islice
+from typing import Any
+from urllib.parse import urlparse
+
+import numpy as np
 
 import torch
 from PIL import Image
@@ -89,8 +112,24 @@ class LabelKey:
             ) from None
 
 
+def multi_hot(sample: dict) -> torch.Tensor:
+    """The multi-hot label vector of a clip_benchmark multi-label sample (its ``.npy`` member)."""
+    data = sample.get("npy")
+    if data is None:
+        raise ValueError(f"sample {sample.get('__key__', '?')!r} of a multi-label set has no .npy member")
+    return torch.from_numpy(np.load(io.BytesIO(data), allow_pickle=False))
+
+
+def caption_lines(sample: dict) -> list[str]:
+    """The captions of a clip_benchmark retrieval sample: its ``.txt`` member, one caption per line."""
+    data = sample.get("txt")
+    if data is None:
+        raise ValueError(f"sample {sample.get('__key__', '?')!r} of a retrieval set has no .txt member")
+    return data.decode("utf-8").splitlines()
+
+
 class LabelledShards(IterableDataset):
-    """``(image_tensor, class_index)`` from WebDataset shards, each sample once, in shard order.
+    """``(image_tensor, target)`` from WebDataset shards, each sample once, in shard order.
 
     The samples are split between ranks and, within a rank, its DataLoader workers: each of the
     ``world_size x num_workers`` parts reads its own shards when there are at least that many,
@@ -100,7 +139,8 @@ class LabelledShards(IterableDataset):
     Args:
         spec: Shard spec, as in training (``"val-{000..009}.tar"``, a directory, ``::``-joined sources).
         transform: PIL image -> tensor.
-        label_key: See ``LabelKey``.
+        label_key: Where the class index is (see ``LabelKey``), or a function from a raw sample to
+            its target (``multi_hot``, ``caption_lines``).
         image_keys: Image member extensions, tried in order.
         rank: This process's share of the samples (with ``world_size``).
         world_size: Processes the samples are split between.
@@ -110,7 +150,7 @@ class LabelledShards(IterableDataset):
         self,
         spec: str | Sequence[str],
         transform: ImageTransform,
-        label_key: str = "cls",
+        label_key: str | Callable[[dict], Any] = "cls",
         image_keys: Sequence[str] = IMAGE_EXTENSIONS,
         rank: int = 0,
         world_size: int = 1,
@@ -118,11 +158,11 @@ class LabelledShards(IterableDataset):
         super().__init__()
         self.urls = [u for source in parse_shard_spec(spec) for u in source.urls]
         self.transform = transform
-        self.label_key = LabelKey(label_key)
+        self.target = LabelKey(label_key).get if isinstance(label_key, str) else label_key
         self.image_keys = tuple(image_keys)
         self.rank, self.world_size = rank, world_size
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, int]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, Any]]:
         info = get_worker_info()
         worker, num_workers = (0, 1) if info is None else (info.id, info.num_workers)
         part, parts = self.rank * num_workers + worker, self.world_size * num_workers
@@ -139,4 +179,84 @@ class LabelledShards(IterableDataset):
             data = image_bytes(sample, self.image_keys)
             if data is None:
                 raise ValueError(f"sample {sample.get('__key__')!r} has no image ({'/'.join(self.image_keys)})")
-            yield self.transform(decode_image(data)), self.label_key.get(sample)
+            yield self.transform(decode_image(data)), self.target(sample)
+
+
+# What dataset_type.txt may say, as clip_benchmark reads it; anything else is single-label classification.
+_DATASET_KINDS = ("retrieval", "multilabel")
+
+
+@dataclass(frozen=True)
+class BenchmarkFolder:
+    """A dataset in clip_benchmark's WebDataset layout (see the module docstring).
+
+    Attributes:
+        root: The folder, as given.
+        kind: ``classification``, ``multilabel`` or ``retrieval``, from ``dataset_type.txt``.
+        urls: The split's shards.
+        classnames: Class names in label order; None for retrieval.
+        templates: Prompt templates; None for retrieval.
+    """
+
+    root: str
+    kind: str
+    urls: tuple[str, ...]
+    classnames: tuple[str, ...] | None
+    templates: tuple[str, ...] | None
+
+
+def _metadata_and_shard_roots(root: str) -> tuple[str, str]:
+    # A Hugging Face page serves text files under /raw/ and LFS tars under /resolve/, as clip_benchmark reads them.
+    prefix = "https://huggingface.co/datasets/"
+    if root.startswith(prefix):
+        head, _, path = root[len(prefix) :].partition("/tree/")
+        if path:
+            return f"{prefix}{head}/raw/{path}", f"{prefix}{head}/resolve/{path}"
+    return root, root
+
+
+def _read_text(location: str) -> str | None:
+    """A text file's contents, None when it does not exist (local) or cannot be fetched (http)."""
+    if urlparse(location).scheme in ("http", "https"):
+        try:
+            with urllib.request.urlopen(location, timeout=30) as f:
+                return f.read().decode("utf-8")
+        except OSError:
+            return None
+    if not os.path.isfile(location):
+        return None
+    with open(location, encoding="utf-8") as f:
+        return f.read()
+
+
+def read_benchmark_folder(root: str | os.PathLike, split: str = "test") -> BenchmarkFolder:
+    """Reads a clip_benchmark WebDataset folder's metadata and lists its shards.
+
+    Raises:
+        FileNotFoundError: The folder, its split or its ``nshards.txt`` is missing; or a
+            classification set has no ``classnames.txt`` or templates file.
+    """
+    root = os.fspath(root).rstrip("/")
+    remote = urlparse(root).scheme in ("http", "https")
+    if not remote and not os.path.isdir(root):
+        raise FileNotFoundError(f"no dataset folder {root}")
+    metadata, shards = _metadata_and_shard_roots(root)
+    dataset_type = (_read_text(f"{metadata}/dataset_type.txt") or "").strip().lower()
+    kind = dataset_type if dataset_type in _DATASET_KINDS else "classification"
+    nshards = _read_text(f"{metadata}/{split}/nshards.txt")
+    if nshards is None:
+        raise FileNotFoundError(f"no {split}/nshards.txt in {root} (clip_benchmark's WebDataset layout)")
+    try:
+        count = int(nshards.strip())
+    except ValueError:
+        raise ValueError(f"{metadata}/{split}/nshards.txt must hold the number of shards, got {nshards.strip()!r}") from None
+    urls = tuple(f"{shards}/{split}/{i}.tar" for i in range(count))
+    if kind == "retrieval":
+        return BenchmarkFolder(root, kind, urls, None, None)
+    lists = {}
+    for name in ("classnames.txt", "zeroshot_classification_templates.txt"):
+        text = _read_text(f"{metadata}/{name}")
+        if text is None:
+            raise FileNotFoundError(f"no {name} in {root}; a classification set needs it")
+        lists[name] = tuple(line.strip() for line in text.splitlines())
+    return BenchmarkFolder(root, kind, urls, lists["classnames.txt"], lists["zeroshot_classification_templates.txt"])

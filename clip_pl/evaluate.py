@@ -2,6 +2,8 @@
 
 Usage::
 
+    python -m clip_pl.evaluate --checkpoint last.ckpt --suite datacomp --suite-root /data/eval
+
     python -m clip_pl.evaluate --checkpoint model.safetensors --zeroshot-folder imagenet/val \\
         --classnames imagenet_classes.txt --templates prompts.txt
     python -m clip_pl.evaluate --checkpoint last.ckpt --zeroshot-shards "val-{000..009}.tar" \\
@@ -9,9 +11,11 @@ Usage::
     python -m clip_pl.evaluate --checkpoint last.ckpt --retrieval-shards "coco-val-{000..004}.tar" --json
     python -m clip_pl.evaluate --checkpoint ViT-B-32.pt --zeroshot-folder imagenet/val   # OpenAI's file
 
-Zero-shot data is a folder with one sub-folder per class, or shards with a class index per
-sample; retrieval data is image-caption shards, one caption per image, read by the same code as
-training's validation. Accuracies and recalls are printed as percentages (fractions with ``--json``).
+A suite (``clip_pl.suite``) runs a list of datasets in clip_benchmark's WebDataset layout, prints a
+table and writes every number, and the suite's average, to a JSON file. Otherwise zero-shot data
+is a folder with one sub-folder per class, or shards with a class index per sample; retrieval data
+is image-caption shards, one caption per image, read by the same code as training's validation.
+Accuracies and recalls are printed as percentages (fractions with ``--json``).
 """
 
 from __future__ import annotations
@@ -27,9 +31,11 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from clip_pl.api import add_model_arguments, load
+from clip_pl.atomic import atomic_output
 from clip_pl.errors import USER_ERRORS, report_user_error
 from clip_pl.evaluation import ZeroShotTask, resolve_templates, run_retrieval
 from clip_pl.model import CLIP
+from clip_pl.suite import PRECISIONS, Suite, SuiteResult, shipped_suites
 from clip_pl.tokenizer import Tokenizer
 from data_pipelines.pipeline import ValStream, make_decoder, select_val_shards
 from data_pipelines.samples import CaptionKey, check_layout
@@ -67,11 +73,49 @@ def format_results(results: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
+def run_suite(args: argparse.Namespace) -> int:
+    """The ``--suite`` command: every dataset, a table on stdout, the JSON file; 1 when a dataset failed."""
+    suite = Suite.from_file(
+        args.suite,
+        root=args.suite_root,
+        dataset_root=args.dataset_root,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        precision=args.precision,
+    )
+    output = args.output or f"{suite.name}_results.json"
+    model, _, tokenizer = load(args.checkpoint, device=args.device, openclip_model=args.openclip_model)
+
+    def save(name: str, result: SuiteResult) -> None:
+        # Written after every dataset, so that a long suite that stops keeps what it measured.
+        with atomic_output(output) as tmp, open(tmp, "w") as f:
+            json.dump({"checkpoint": args.checkpoint, **result.to_json()}, f, indent=2)
+        if name in result.skipped or name in result.failed:
+            print(f"{name}: {result.skipped.get(name) or result.failed[name]}", file=sys.stderr)
+
+    result = suite.run(model, tokenizer, device=args.device, progress=sys.stderr.isatty(), on_dataset=save)
+    print(result.table())
+    print(f"results: {output}")
+    return 1 if result.failed else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m clip_pl.evaluate", description="Zero-shot classification and retrieval metrics of a model."
     )
     add_model_arguments(parser)
+    suite = parser.add_argument_group("suite of clip_benchmark datasets")
+    suite.add_argument("--suite", help=f"suite file, or a shipped suite: {', '.join(shipped_suites())}")
+    suite.add_argument("--suite-root", help="folder that holds the suite's dataset folders")
+    suite.add_argument(
+        "--dataset-root",
+        help="pattern of each dataset's folder, replacing the suite's; {dataset} and {dataset_cleaned} "
+        "as in clip_benchmark's --dataset_root",
+    )
+    suite.add_argument("--output", help="JSON results file (default: SUITE_results.json)")
+    suite.add_argument(
+        "--precision", choices=PRECISIONS, help="autocast of the forward passes (default: bf16 on a GPU, else fp32)"
+    )
     zero_shot = parser.add_argument_group("zero-shot classification")
     data = zero_shot.add_mutually_exclusive_group()
     data.add_argument("--zeroshot-folder", help="folder with one sub-folder of images per class")
@@ -92,8 +136,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.zeroshot_folder and not os.path.isdir(args.zeroshot_folder):
         parser.error(f"--zeroshot-folder {args.zeroshot_folder!r} is not a folder (for shards: --zeroshot-shards)")
     zero_shot_data = args.zeroshot_folder or args.zeroshot_shards
+    if args.suite:
+        if zero_shot_data or args.retrieval_shards:
+            parser.error("--suite runs alone; evaluate --zeroshot-*/--retrieval-shards in another command")
+        try:
+            return run_suite(args)
+        except USER_ERRORS as e:
+            return report_user_error(e)
     if not zero_shot_data and not args.retrieval_shards:
-        parser.error("nothing to evaluate: give --zeroshot-folder, --zeroshot-shards and/or --retrieval-shards")
+        parser.error("nothing to evaluate: give --suite, --zeroshot-folder, --zeroshot-shards and/or --retrieval-shards")
 
     results: dict[str, dict[str, float]] = {}
     try:

@@ -1,16 +1,15 @@
 """Zero-shot classification and image-text retrieval metrics.
 
-The metric functions are pure (tensors in, numbers out) so the trainer's validation loop, the
-``clip_pl.evaluate`` command and the tests all share them. The ``run_*`` helpers at the end
-drive a model over a ``DataLoader``.
+The ``run_*`` helpers drive a model over a ``DataLoader``; ``ZeroShotTask`` is one zero-shot
+benchmark as the trainer's validation and ``clip_pl.evaluate`` run it.
 
 Zero-shot classification turns class names into a linear classifier: each class name is put
 into every prompt template, the normalized prompt embeddings of a class are averaged and the mean
 renormalized. An image's logits are then its normalized embedding times that ``[D, C]`` matrix.
 
 Retrieval ranks every caption for every image (and the reverse) by cosine similarity; recall@k is
-the share of queries whose matching item is among the first k. Ranks are computed from one block
-of queries at a time, so memory grows with ``chunk_size x N`` instead of ``N x N``.
+the share of queries whose matching item is among the first k. The metrics themselves live in
+``clip_pl.metrics``.
 """
 
 from __future__ import annotations
@@ -27,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from clip_pl.distributed import all_gather_uneven, fail_together, rank_and_world_size
 from clip_pl.eval_data import LabelledShards, image_folder
+from clip_pl.metrics import retrieval_recall, topk_hits
 from clip_pl.model import CLIP
 from clip_pl.tokenizer import Tokenizer
 from clip_pl.transforms import image_transform
@@ -64,14 +64,12 @@ DEFAULT_TEMPLATES: tuple[str, ...] = (
     "a {} seen from far away.",
 )
 
-_PLACEHOLDERS = ("{label}", "{}")
-
-# Rank given to a query whose true item has a NaN score: beyond any k.
-_MISS = torch.iinfo(torch.int64).max
+# "{c}" is clip_benchmark's placeholder.
+_PLACEHOLDERS = ("{label}", "{c}", "{}")
 
 
 def fill_template(template: str, classname: str) -> str:
-    """Puts ``classname`` into a template's ``{}`` or ``{label}`` placeholder.
+    """Puts ``classname`` into a template's ``{}``, ``{c}`` or ``{label}`` placeholder.
 
     Plain string replacement rather than ``str.format``, so braces elsewhere in the template or the
     class name are kept as they are.
@@ -79,7 +77,7 @@ def fill_template(template: str, classname: str) -> str:
     for placeholder in _PLACEHOLDERS:
         if placeholder in template:
             return template.replace(placeholder, classname)
-    raise ValueError(f"prompt template {template!r} has no {{}} or {{label}} placeholder for the class name")
+    raise ValueError(f"prompt template {template!r} has no {{}}, {{c}} or {{label}} placeholder for the class name")
 
 
 def read_lines(path: str | os.PathLike) -> list[str]:
@@ -187,146 +185,6 @@ def build_zero_shot_classifier(
     if world_size > 1:
         weights = all_gather_uneven(weights.contiguous())
     return weights.T.contiguous()
-
-
-def accuracy(logits: torch.Tensor, labels: torch.Tensor, topk: Sequence[int] = (1, 5)) -> dict[str, float]:
-    """Top-k accuracy as a fraction in [0, 1], keyed ``top1``, ``top5``...
-
-    A sample is a top-k hit when its true class ranks among the k highest logits, equal logits
-    ranking by class index (as a stable sort would), so ties never make the result depend on the
-    device. With fewer classes than k, top-k is 1.0. Batch results weighted by batch size sum
-    exactly to the accuracy over all batches.
-
-    Args:
-        logits: ``[N, C]`` class scores.
-        labels: ``[N]`` integer class indices.
-        topk: The k values to report.
-    """
-    if logits.shape[0] == 0:
-        raise ValueError("accuracy of an empty batch is undefined")
-    hits = topk_hits(logits, labels, topk).tolist()
-    return {f"top{k}": h / len(labels) for k, h in zip(topk, hits)}
-
-
-def topk_hits(logits: torch.Tensor, labels: torch.Tensor, topk: Sequence[int] = (1, 5)) -> torch.Tensor:
-    """How many samples are top-k hits (see ``accuracy``), per k: int64 ``[len(topk)]`` on the logits' device.
-
-    Counts add up exactly over batches and ranks, which fractions in float would not.
-    """
-    if logits.dim() != 2 or labels.shape != logits.shape[:1]:
-        raise ValueError(f"expected logits [N, C] and labels [N], got {tuple(logits.shape)} and {tuple(labels.shape)}")
-    labels = labels.to(device=logits.device, dtype=torch.long)
-    true_score = logits.gather(1, labels[:, None])
-    class_index = torch.arange(logits.shape[1], device=logits.device)
-    ahead = (logits > true_score) | ((logits == true_score) & (class_index < labels[:, None]))
-    # NaN logits would compare false with everything and rank first; count them as misses.
-    ranks = ahead.sum(dim=1).masked_fill(true_score.isnan().squeeze(1), _MISS)
-    return torch.stack([(ranks < k).sum() for k in topk])
-
-
-def _ranks(queries: torch.Tensor, keys: torch.Tensor, positives: torch.Tensor, chunk_size: int) -> torch.Tensor:
-    """Rank of the best positive key of each query when keys are sorted by descending score.
-
-    Ties are broken by key index (a stable sort), so ranks do not depend on the chunking or the
-    device. Only ``chunk_size x K`` scores exist at a time.
-
-    Args:
-        queries: ``[Q, D]``.
-        keys: ``[K, D]``.
-        positives: ``[Q, P]`` indices of each query's positive keys in ascending order, padded with -1.
-        chunk_size: Queries per block.
-    """
-    ranks = []
-    for start in range(0, queries.shape[0], chunk_size):
-        scores = queries[start : start + chunk_size] @ keys.T
-        candidates = positives[start : start + chunk_size]
-        candidate_scores = scores.gather(1, candidates.clamp(min=0)).masked_fill(candidates < 0, float("-inf"))
-        # argmax returns the first maximum: among equally scored positives the lowest index, as a stable sort would.
-        best = candidate_scores.argmax(dim=1, keepdim=True)
-        target, target_score = candidates.gather(1, best), candidate_scores.gather(1, best)
-        rank = (scores > target_score).sum(dim=1)
-        # Keys scoring exactly as much as the target come first when their index is lower. Such ties
-        # are rare with real features, so only the rows that have them pay for the index comparison.
-        tied = (scores == target_score).sum(dim=1) > 1
-        if tied.any():
-            key_index = torch.arange(keys.shape[0], device=keys.device)
-            earlier = (scores[tied] == target_score[tied]) & (key_index < target[tied])
-            rank[tied] += earlier.sum(dim=1)
-        # A NaN score compares false with everything and would rank first: count it as a miss, so a
-        # diverged model shows zero recall instead of perfect recall.
-        ranks.append(rank.masked_fill(target_score.isnan().squeeze(1), _MISS))
-    return torch.cat(ranks)
-
-
-def _group_indices(group_of: torch.Tensor, num_groups: int) -> torch.Tensor:
-    """``[num_groups, max group size]`` member indices of each group in ascending order, padded with -1."""
-    order = torch.sort(group_of, stable=True).indices  # stable: members stay in ascending index order
-    counts = torch.bincount(group_of, minlength=num_groups)
-    starts = torch.cumsum(counts, dim=0) - counts
-    sorted_groups = group_of[order]
-    position = torch.arange(len(group_of), device=group_of.device) - starts[sorted_groups]
-    table = torch.full((num_groups, int(counts.max())), -1, dtype=torch.long, device=group_of.device)
-    table[sorted_groups, position] = order
-    return table
-
-
-def retrieval_recall(
-    image_features: torch.Tensor,
-    text_features: torch.Tensor,
-    ks: Sequence[int] = (1, 5, 10),
-    chunk_size: int = 256,
-    text_to_image_index: torch.Tensor | None = None,
-) -> dict[str, float]:
-    """Image-to-text and text-to-image recall@k as fractions in [0, 1].
-
-    Scores are dot products, i.e. cosine similarities for normalized features. An image query is a
-    hit at k when any of its captions ranks in the top k; a caption query when its image does.
-    Equal scores rank by index, so results are deterministic.
-
-    Args:
-        image_features: ``[N, D]`` image embeddings.
-        text_features: ``[M, D]`` caption embeddings.
-        ks: The k values to report.
-        chunk_size: Queries scored at once; peak memory is about ``chunk_size x max(N, M)`` scores.
-        text_to_image_index: ``[M]`` index of the image each caption describes. ``None`` means
-            one caption per image, caption ``i`` describing image ``i``.
-
-    Returns:
-        ``{"image_to_text_R@1": ..., "text_to_image_R@1": ..., ...}``.
-    """
-    n_images, n_texts = image_features.shape[0], text_features.shape[0]
-    if image_features.dim() != 2 or text_features.dim() != 2 or image_features.shape[1] != text_features.shape[1]:
-        raise ValueError(
-            f"expected features [N, D] and [M, D], got {tuple(image_features.shape)} and {tuple(text_features.shape)}"
-        )
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
-    device = image_features.device
-    if text_to_image_index is None:
-        if n_images != n_texts:
-            raise ValueError(
-                f"{n_images} images but {n_texts} captions: pass text_to_image_index to say which image each caption"
-                " belongs to"
-            )
-        text_to_image_index = torch.arange(n_texts)
-    text_to_image_index = text_to_image_index.to(device=device, dtype=torch.long)
-    if text_to_image_index.shape != (n_texts,):
-        raise ValueError(f"text_to_image_index must have one entry per caption ({n_texts})")
-    if n_texts == 0 or text_to_image_index.min() < 0 or text_to_image_index.max() >= n_images:
-        raise ValueError(f"text_to_image_index must hold image indices in [0, {n_images})")
-    if torch.bincount(text_to_image_index, minlength=n_images).min() == 0:
-        raise ValueError("every image needs at least one caption for image-to-text recall")
-    # Comparing float32 scores keeps the ranking identical to a float32 reference whatever the
-    # features' training precision was.
-    images, texts = image_features.float(), text_features.to(device).float()
-    image_ranks = _ranks(images, texts, _group_indices(text_to_image_index, n_images), chunk_size)
-    text_ranks = _ranks(texts, images, text_to_image_index[:, None], chunk_size)
-    metrics = {}
-    for name, ranks in (("image_to_text", image_ranks), ("text_to_image", text_ranks)):
-        for k in ks:
-            # Integer counts divided in Python: exact fractions, not float32 means.
-            metrics[f"{name}_R@{k}"] = (ranks < k).sum().item() / len(ranks)
-    return metrics
 
 
 @torch.no_grad()

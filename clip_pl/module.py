@@ -300,7 +300,7 @@ class CLIPModule(L.LightningModule):
         self._val_features.append((out.image_features.float(), out.text_features.float()))
 
     def on_validation_epoch_end(self) -> None:
-        from clip_pl.evaluation import retrieval_recall
+        from clip_pl.metrics import retrieval_recall
 
         # Every rank reaches these collectives the same number of times, whatever its data.
         loss_sum, count = self.trainer.strategy.reduce(self._val_loss_sum, reduce_op="sum").tolist()

@@ -68,6 +68,10 @@ def to_uint8_tensor(image: Image.Image | torch.Tensor) -> torch.Tensor:
     return image.expand(3, -1, -1) if image.shape[0] == 1 else image
 
 
+def _rgb(image: Image.Image | torch.Tensor) -> Image.Image | torch.Tensor:
+    return to_rgb(image) if isinstance(image, Image.Image) else to_uint8_tensor(image)
+
+
 class NormalizeImages:
     """uint8 pixels ``[..., 3, H, W]`` to the float32 input of the image tower: ``(x / 255 - mean) / std``.
 
@@ -186,7 +190,8 @@ def image_transform(
 ) -> ImageTransform:
     """The transform for a tower's ``preprocess_config``: PIL image or uint8 tensor in, ``[3, S, S]`` out.
 
-    Evaluation resizes the shorter side to ``S`` and takes the center ``S x S`` crop. Training takes
+    Evaluation resizes the shorter side to ``S`` (a PIL image with PIL, exactly as OpenCLIP's
+    preprocessing) and takes the center ``S x S`` crop. Training takes
     a random crop covering ``crop_scale`` of the area instead; the default is mild because a caption
     often names objects near the borders, which an ImageNet-style crop would cut away.
 
@@ -202,7 +207,11 @@ def image_transform(
     if train:
         steps = [RandomResizedCrop(size, tuple(crop_scale), interpolation, horizontal_flip)]
     else:
-        steps = [to_uint8_tensor, v2.Resize(size, interpolation=interpolation), v2.CenterCrop(size)]
+        # A PIL image is resized by PIL, as OpenCLIP's and OpenAI's preprocessing does, so that
+        # evaluation sees the pixels clip_benchmark and open_clip see (a tensor by torchvision).
+        # The cost, measured on a 500x375 image on 2 CPU cores: 2.2 ms against 0.56 ms for
+        # torchvision's uint8 resize; training's validation decodes to tensors and keeps the latter.
+        steps = [_rgb, v2.Resize(size, interpolation=interpolation), v2.CenterCrop(size), to_uint8_tensor]
     if normalize:
         steps.append(NormalizeImages(config))
     return v2.Compose(steps)

@@ -17,13 +17,12 @@ from clip_pl.eval_data import LabelledShards
 from clip_pl.evaluation import (
     DEFAULT_TEMPLATES,
     ZeroShotTask,
-    accuracy,
     build_zero_shot_classifier,
     classifier_from_text_features,
     fill_template,
     resolve_templates,
-    retrieval_recall,
 )
+from clip_pl.metrics import accuracy, retrieval_recall
 from clip_pl.tokenizer import Tokenizer
 from clip_pl.transforms import image_transform
 
