@@ -78,12 +78,12 @@ from PIL import Image, ImageDraw
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-from clip_pl.tokenizer import Tokenizer, train_sentencepiece
-from clip_pl.transforms import RandomResizedCrop, interpolation_mode, stack_pixels, to_rgb
 from data_pipelines.datamodule import ShardDataModule
 from data_pipelines.make_shards import Pair, write_shards
 from data_pipelines.pipeline import SampleDecoder
-from data_pipelines.samples import CaptionKey, decode_image, decode_pixels, image_bytes, jpeg_frame, read_samples
+from data_pipelines.samples import SampleKey, decode_image, decode_pixels, image_bytes, jpeg_frame, read_samples
+from data_pipelines.tokenizer import Tokenizer, train_sentencepiece
+from data_pipelines.transforms import RandomResizedCrop, interpolation_mode, stack_pixels, to_rgb
 
 PIPELINES = ("clip_pl", "openclip", "clip_pl:no_draft", "clip_pl:before")
 # OpenCLIP's sample shuffle is shuffle(5000, initial=1000); see "Shuffle buffers" above.
@@ -193,7 +193,7 @@ class _BeforeDecoder(SampleDecoder):
     """clip_pl's decoder before the speed work: PIL decode into a PIL-based float transform."""
 
     def __call__(self, sample: dict) -> tuple[torch.Tensor, str]:
-        return self.transform(decode_image(image_bytes(sample), self.max_image_pixels)), self.caption_key.get(sample)
+        return self.transform(decode_image(image_bytes(sample), self.max_image_pixels)), self.caption_key.caption(sample)
 
 
 def _before_transform() -> v2.Compose:
@@ -226,7 +226,7 @@ def clip_pl_loader(data: Dataset, variant: str, batch_size: int, workers: int, s
         draft_decode=variant != "clip_pl:no_draft",
     )
     if variant == "clip_pl:before":
-        dm._train_decoder = _BeforeDecoder(CaptionKey.parse("txt"), _before_transform())
+        dm._train_decoder = _BeforeDecoder(SampleKey.parse("txt"), _before_transform())
     return dm.train_dataloader()
 
 

@@ -73,12 +73,12 @@ except ImportError as e:
 
 from clip_pl.evaluation import ZeroShotTask, run_retrieval
 from clip_pl.metrics import retrieval_recall
-from clip_pl.model import PreprocessConfig
-from clip_pl.transforms import NormalizeImages
 from data_pipelines.datamodule import ShardDataModule
 from data_pipelines.make_shards import Pair, write_shards
 from data_pipelines.samples import read_samples
 from data_pipelines.shards import parse_shard_spec
+from data_pipelines.transforms import PreprocessConfig
+from data_pipelines.transforms import NormalizeImages
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -35,10 +35,11 @@ import torch
 from quality import IMAGE_SIZE
 
 from clip_pl.loss import ClipLoss
-from clip_pl.model import PreprocessConfig, create_model
-from clip_pl.tokenizer import Tokenizer
-from clip_pl.transforms import NormalizeImages
+from clip_pl.model import create_model
 from data_pipelines.datamodule import ShardDataModule
+from data_pipelines.tokenizer import Tokenizer
+from data_pipelines.transforms import PreprocessConfig
+from data_pipelines.transforms import NormalizeImages
 
 WIDTH, DEPTH, HEADS, PATCH, CONTEXT, EMBED_DIM = 128, 4, 4, 4, 16, 128
 VARIANTS = ("clip_pl", "openclip", "clip_pl_bpe")

@@ -28,7 +28,7 @@ from PIL import Image
 
 from clip_pl.model import create_model
 from clip_pl.suite import Suite, SuiteDataset
-from clip_pl.tokenizer import Tokenizer, train_sentencepiece
+from data_pipelines.tokenizer import Tokenizer, train_sentencepiece
 
 # DataComp's task list (tasklist.yml): test images and classes of the suite's 31 classification
 # sets; the retrieval sets are clip_benchmark's test splits (images, captions).

@@ -17,7 +17,7 @@ the absolute numbers. A variant is ``FRAMEWORK[:OPT+OPT...]`` with FRAMEWORK ``c
 
 The ``clip_pl`` variant runs clip_pl's own training path, as ``CLIPModule`` does under a Trainer:
 uint8 host batch copied to the device and normalized there (``CLIPModule.on_after_batch_transfer``),
-channels-last for conv towers, ``forward_in_pieces``, ``build_optimizer`` (fused AdamW).
+channels-last for conv towers, ``forward_in_micro_batches``, ``build_optimizer`` (fused AdamW).
 ``openclip`` gets a float batch normalized on the host, as its data pipeline delivers.
 
 * ``fused`` / ``foreach`` / ``loop``: AdamW implementation instead of the default (clip_pl: fused;
@@ -89,7 +89,8 @@ from torch import nn
 from clip_pl.flops import dense_peak_flops, flop_counter
 from clip_pl.loss import ClipLoss
 from clip_pl.model import CLIP, create_model, list_models
-from clip_pl.module import CLIPModule, OptimizerConfig, build_optimizer, forward_in_pieces
+from clip_pl.module import CLIPModule, forward_in_micro_batches
+from clip_pl.optim import OptimizerConfig, build_optimizer
 
 FRAMEWORKS = ("clip_pl", "openclip")
 OPTIONS = (
@@ -270,7 +271,7 @@ class Runner:
         with self.autocast_context():
             if self.module is not None:
                 m = self.module
-                return m.loss(*forward_in_pieces(m.model, images, tokens, m.micro_batch_size))
+                return m.loss(*forward_in_micro_batches(m.model, images, tokens, m.micro_batch_size))
             image_features, text_features, logit_scale = self.model(images, tokens)
             return self.loss(image_features, text_features, logit_scale)
 

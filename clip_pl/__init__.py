@@ -3,7 +3,7 @@
 from typing import Any
 
 from clip_pl.model import CLIP, CLIPConfig, create_model, list_models
-from clip_pl.tokenizer import Tokenizer
+from data_pipelines.tokenizer import Tokenizer
 
 __all__ = ["CLIP", "CLIPConfig", "Tokenizer", "create_model", "list_models", "load"]
 

@@ -17,11 +17,11 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
-from clip_pl.checkpoint import STATE_DICT_PREFIX, model_from_checkpoint, read_checkpoint
+from clip_pl.checkpoint import model_from_checkpoint, model_state_dict, read_checkpoint
 from clip_pl.export import FORMAT, is_safetensors_file, read_exported
 from clip_pl.model import CLIP
-from clip_pl.tokenizer import TextTokenizer, Tokenizer
-from clip_pl.transforms import image_transform
+from data_pipelines.tokenizer import TextTokenizer, Tokenizer
+from data_pipelines.transforms import image_transform
 
 
 _OPENCLIP_HINT = (
@@ -50,7 +50,7 @@ def _exported_tokenizer(folder: str) -> TextTokenizer | None:
     A model trained with SentencePiece keeps its own ids there, which OpenAI's BPE would not give.
     """
     from clip_pl.openclip_models import CONFIG_FILE
-    from clip_pl.openclip_tokenizer import OpenCLIPTokenizer
+    from data_pipelines.openclip_tokenizer import OpenCLIPTokenizer
 
     config = os.path.join(folder, CONFIG_FILE)
     if not os.path.isfile(config):
@@ -126,7 +126,7 @@ def load(
     Returns:
         ``(model, preprocess, tokenizer)``: the model in eval mode on ``device``; the evaluation
         image transform (PIL image -> normalized ``[3, S, S]`` tensor, see
-        ``clip_pl.transforms.image_transform``; for OpenCLIP's ViTs OpenAI's mean and std with a
+        ``data_pipelines.transforms.image_transform``; for OpenCLIP's ViTs OpenAI's mean and std with a
         bicubic resize, as open_clip preprocesses); the tokenizer (list of str -> ``LongTensor[B, L]``).
     """
     model, tokenizer = load_model(path, openclip_model)
@@ -143,8 +143,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise FileNotFoundError(f"model file {os.fspath(path)!r} not found")
     if is_safetensors_file(path):
         return load_file(path, device="cpu")
-    state = read_checkpoint(path)["state_dict"]
-    return {k[len(STATE_DICT_PREFIX) :]: v for k, v in state.items() if k.startswith(STATE_DICT_PREFIX)}
+    return model_state_dict(read_checkpoint(path))
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:

@@ -13,9 +13,9 @@ from typing import Any
 
 import torch
 
-from clip_pl.atomic import atomic_output
 from clip_pl.model import CLIP, CLIPConfig
-from clip_pl.tokenizer import TextTokenizer, tokenizer_from_state_dict
+from data_pipelines.atomic import atomic_output
+from data_pipelines.tokenizer import TextTokenizer, tokenizer_from_state_dict
 
 CHECKPOINT_KEY = "clip_pl"
 STATE_DICT_PREFIX = "model."
@@ -73,6 +73,12 @@ def state_shape_differences(
     return [(name, theirs.get(name), ours.get(name)) for name in names]
 
 
+def model_state_dict(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The ``CLIP`` state dict in a Lightning checkpoint dict: its ``model.*`` entries, prefix removed."""
+    state = checkpoint["state_dict"]
+    return {k[len(STATE_DICT_PREFIX) :]: v for k, v in state.items() if k.startswith(STATE_DICT_PREFIX)}
+
+
 def model_from_checkpoint(checkpoint: dict[str, Any]) -> tuple[CLIP, TextTokenizer]:
     """Rebuilds the trained model (eval mode, on CPU) and its tokenizer from a checkpoint dict."""
     meta = checkpoint[CHECKPOINT_KEY]
@@ -80,8 +86,5 @@ def model_from_checkpoint(checkpoint: dict[str, Any]) -> tuple[CLIP, TextTokeniz
     # The trunk weights are in the checkpoint; do not look for the original weights file.
     config.image.weights = None
     model = CLIP(config)
-    state = {
-        k[len(STATE_DICT_PREFIX) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(STATE_DICT_PREFIX)
-    }
-    model.load_state_dict(state)
+    model.load_state_dict(model_state_dict(checkpoint))
     return model.eval(), tokenizer_from_state_dict(meta["tokenizer"])

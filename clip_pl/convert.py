@@ -36,11 +36,11 @@ from safetensors.torch import load_file, save_file
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
 from clip_pl.api import read_state_dict
-from clip_pl.atomic import atomic_output
 from clip_pl.checkpoint import state_shape_differences
-from clip_pl.errors import USER_ERRORS, report_user_error
 from clip_pl.export import is_safetensors_file
 from clip_pl.model import CLIP, ImageTower, get_model_config
+from data_pipelines.atomic import atomic_output
+from data_pipelines.errors import USER_ERRORS, report_user_error
 
 _PREFIXES = ("visual.", "module.visual.")
 TOWERS = ("image_tower", "text_tower")

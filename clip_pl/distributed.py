@@ -13,19 +13,14 @@ from collections.abc import Iterator
 import torch
 import torch.distributed as dist
 
+from data_pipelines.ranks import rank_and_world_size
+
 
 def free_port() -> int:
     """A TCP port free on this machine, for ``MASTER_PORT`` of a single-node process group."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def rank_and_world_size() -> tuple[int, int]:
-    """This process's rank and the number of processes (0, 1 outside distributed runs)."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 class _AllGatherWithGrad(torch.autograd.Function):

@@ -31,14 +31,14 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from clip_pl.api import add_model_arguments, load
-from clip_pl.atomic import atomic_output
-from clip_pl.errors import USER_ERRORS, report_user_error
 from clip_pl.evaluation import ZeroShotTask, resolve_templates, run_retrieval
 from clip_pl.model import CLIP
 from clip_pl.suite import PRECISIONS, Suite, SuiteResult, shipped_suites
-from clip_pl.tokenizer import Tokenizer
+from data_pipelines.atomic import atomic_output
+from data_pipelines.errors import USER_ERRORS, report_user_error
 from data_pipelines.pipeline import ValStream, make_decoder, select_val_shards
-from data_pipelines.samples import CaptionKey, check_layout
+from data_pipelines.samples import SampleKey, check_layout
+from data_pipelines.tokenizer import Tokenizer
 
 
 def evaluate_retrieval(
@@ -53,7 +53,7 @@ def evaluate_retrieval(
 ) -> dict[str, float]:
     """Recall@1/5/10 in both directions over image-caption shards (one caption per image)."""
     urls = select_val_shards(spec)
-    check_layout(urls, CaptionKey.parse(caption_key))
+    check_layout(urls, SampleKey.parse(caption_key))
     stream = ValStream(urls, tokenizer, batch_size, make_decoder(caption_key, preprocess), rank=0, world_size=1)
     # The stream batches itself; the DataLoader only adds worker processes.
     loader = DataLoader(stream, batch_size=None, num_workers=num_workers)

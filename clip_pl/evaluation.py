@@ -1,4 +1,4 @@
-"""Zero-shot classification and image-text retrieval metrics.
+"""Zero-shot classification tasks: prompt ensembles into classifiers, and the loops that score a model.
 
 The ``run_*`` helpers drive a model over a ``DataLoader``; ``ZeroShotTask`` is one zero-shot
 benchmark as the trainer's validation and ``clip_pl.evaluate`` run it.
@@ -24,12 +24,13 @@ from PIL import Image
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from clip_pl.distributed import all_gather_uneven, fail_together, rank_and_world_size
-from clip_pl.eval_data import LabelledShards, image_folder
+from clip_pl.distributed import all_gather_uneven, fail_together
 from clip_pl.metrics import retrieval_recall, topk_hits
 from clip_pl.model import CLIP
-from clip_pl.tokenizer import Tokenizer
-from clip_pl.transforms import image_transform
+from data_pipelines.eval_data import LabelledShards, image_folder
+from data_pipelines.ranks import rank_and_world_size
+from data_pipelines.tokenizer import Tokenizer
+from data_pipelines.transforms import image_transform
 
 # Prompt templates in the style of CLIP's ImageNet prompts, worded for clip_pl. Ensembling many
 # phrasings averages out the quirks of any single one; "{}" is replaced by the class name.

@@ -36,11 +36,11 @@ import warnings
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from clip_pl.atomic import atomic_output
 from clip_pl.checkpoint import model_from_checkpoint, read_checkpoint
-from clip_pl.errors import USER_ERRORS, report_user_error
 from clip_pl.model import CLIP, CLIPConfig
-from clip_pl.tokenizer import TextTokenizer, Tokenizer, tokenizer_from_state_dict
+from data_pipelines.atomic import atomic_output
+from data_pipelines.errors import USER_ERRORS, report_user_error
+from data_pipelines.tokenizer import TextTokenizer, Tokenizer, tokenizer_from_state_dict
 
 FORMAT = "clip_pl"
 FORMAT_VERSION = "1"

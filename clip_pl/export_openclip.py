@@ -11,7 +11,7 @@
 
 A model with the ``openclip_bpe`` tokenizer is complete: ``open_clip.get_tokenizer("local-dir:OUT_DIR")``
 gives its ids. open_clip has no SentencePiece tokenizer, and its BPE gives other ids, so the towers of
-a SentencePiece model only work on the ids of ``clip_pl.tokenizer.Tokenizer.from_file("OUT_DIR/tokenizer.model",
+a SentencePiece model only work on the ids of ``data_pipelines.tokenizer.Tokenizer.from_file("OUT_DIR/tokenizer.model",
 context_length=...)``; the export says so in a warning.
 
 ``OUT_DIR`` may be new, empty, or an earlier export (its config has the ``clip_pl`` entry, or it holds
@@ -30,12 +30,12 @@ from typing import Any
 from safetensors.torch import save_file
 
 from clip_pl.api import load_model
-from clip_pl.atomic import atomic_output, remove_stale_temporaries
 from clip_pl.convert import openclip_state_dict
 from clip_pl.model import CLIP
 from clip_pl.openclip_models import CONFIG_FILE, openclip_config_from
-from clip_pl.openclip_tokenizer import KIND as OPENCLIP_BPE
-from clip_pl.tokenizer import TextTokenizer
+from data_pipelines.atomic import atomic_output, remove_stale_temporaries
+from data_pipelines.openclip_tokenizer import KIND as OPENCLIP_BPE
+from data_pipelines.tokenizer import TextTokenizer
 
 WEIGHTS_FILE = "open_clip_model.safetensors"
 TOKENIZER_FILE = "tokenizer.model"
@@ -96,7 +96,7 @@ def _tokenizer_warnings(model: CLIP, tokenizer: TextTokenizer, directory: str) -
         return [
             f"open_clip's tokenizer will NOT give this model's token ids (it was trained with a {tokenizer.kind} "
             "tokenizer, open_clip's is OpenAI's BPE); tokenize with clip_pl instead: "
-            f"clip_pl.tokenizer.Tokenizer.from_file({os.path.join(directory, TOKENIZER_FILE)!r}, "
+            f"data_pipelines.tokenizer.Tokenizer.from_file({os.path.join(directory, TOKENIZER_FILE)!r}, "
             f"context_length={tokenizer.context_length}{lowercase}), then model.encode_text(ids)"
         ]
     if tokenizer.context_length != model.config.text.context_length:

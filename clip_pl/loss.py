@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clip_pl.distributed import all_gather_with_grad, rank_and_world_size
+from clip_pl.distributed import all_gather_with_grad
+from data_pipelines.ranks import rank_and_world_size
 
 
 def _gather_pairs(image_features: torch.Tensor, text_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -26,6 +26,8 @@ from torch.utils.checkpoint import checkpoint
 from timm.layers import QuickGELU
 from timm.models.vision_transformer import VisionTransformer
 
+from data_pipelines.transforms import PreprocessConfig
+
 # OpenAI CLIP's temperature: initialised at 1/0.07 and capped at 100.
 DEFAULT_LOGIT_SCALE = math.log(1 / 0.07)
 MAX_LOGIT_SCALE = math.log(100)
@@ -112,15 +114,6 @@ class CLIPConfig:
     def from_dict(cls, d: dict[str, Any]) -> CLIPConfig:
         d = dict(d)
         return cls(image=ImageTowerConfig(**d.pop("image", {})), text=TextTowerConfig(**d.pop("text", {})), **d)
-
-
-class PreprocessConfig(NamedTuple):
-    """How images must be prepared for the image tower."""
-
-    image_size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    interpolation: str
 
 
 def _unknown_model_message(name: str) -> str:

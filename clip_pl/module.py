@@ -1,4 +1,4 @@
-"""The LightningModule that trains a CLIP model: loss, optimizer, schedule, metrics, checkpoint extras."""
+"""The LightningModule that trains a CLIP model: loss, micro-batches, validation metrics, checkpoint extras."""
 
 from __future__ import annotations
 
@@ -21,109 +21,29 @@ from torch.utils.checkpoint import checkpoint
 
 from clip_pl.checkpoint import CHECKPOINT_KEY
 from clip_pl.distributed import all_gather_uneven
-from clip_pl.lock import eval_frozen_modules, lock_image_tower, lock_text_tower
+from clip_pl.lit import eval_frozen_modules, lock_image_tower, lock_text_tower
 from clip_pl.model import CLIP, CLIPOutput
-from clip_pl.tokenizer import Tokenizer
-from clip_pl.transforms import NormalizeImages
+from clip_pl.optim import WARMUP_FRACTION, OptimizerConfig, build_optimizer, lr_factor
+from data_pipelines.tokenizer import Tokenizer
+from data_pipelines.transforms import NormalizeImages
 
 
-# The default warmup as a share of the run's steps: between OpenCLIP's long recipes (0.3-1.5%) and the
-# short runs of the demo and the quality benchmark (10-12.5%).
-WARMUP_FRACTION = 0.05
+def forward_in_micro_batches(
+    model: nn.Module, images: torch.Tensor, tokens: torch.Tensor, micro_batch_size: int | None
+) -> CLIPOutput:
+    """``model(images, tokens)``, encoded ``micro_batch_size`` samples at a time with activation checkpointing.
 
-
-@dataclass
-class OptimizerConfig:
-    """AdamW with linear warmup, then cosine decay, both per optimizer step.
-
-    Attributes:
-        lr: Peak learning rate, reached after ``warmup_steps``.
-        weight_decay: Applied to weight matrices only; biases, norms, embeddings and the
-            temperature are not decayed.
-        betas: AdamW betas (CLIP uses (0.9, 0.98) for stability at large batch).
-        eps: AdamW epsilon.
-        warmup_steps: Linear warmup length in optimizer steps; ``None``: ``WARMUP_FRACTION`` of the
-            run's steps, so that a run of any length warms up and then decays.
-        min_lr: Learning rate at the end of the cosine.
-        fused: Use the fused AdamW kernel (CUDA and CPU); other devices use torch's default.
-
-    Raises:
-        ValueError: Naming the setting as the training config does (``optim.lr``) when a value is
-            out of range.
+    Each micro-batch keeps only its features through the forward pass; its activations are
+    recomputed in backward, one micro-batch at a time. The loss over the concatenated features, and
+    so every gradient, is that of the whole batch (see ``CLIPModule``'s ``micro_batch_size``).
     """
-
-    lr: float = 5e-4
-    weight_decay: float = 0.2
-    betas: tuple[float, float] = (0.9, 0.98)
-    eps: float = 1e-6
-    warmup_steps: int | None = None
-    min_lr: float = 0.0
-    fused: bool = True
-
-    def __post_init__(self) -> None:
-        # torch's AdamW would reject these only when the trainer builds it, after Lightning's start-up
-        # banner, and without the name of the setting.
-        checks = (
-            ("lr", self.lr >= 0, ">= 0"),
-            ("weight_decay", self.weight_decay >= 0, ">= 0"),
-            ("betas", len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "two numbers in [0, 1)"),
-            ("eps", self.eps >= 0, ">= 0"),
-            ("warmup_steps", self.warmup_steps is None or self.warmup_steps >= 0, ">= 0 or null"),
-            ("min_lr", 0 <= self.min_lr <= self.lr, "in [0, optim.lr]"),
-        )
-        for name, ok, rule in checks:
-            if not ok:
-                raise ValueError(f"optim.{name} must be {rule}, got {getattr(self, name)}")
-
-
-def _no_weight_decay(model: CLIP) -> set[str]:
-    """Names of parameters that must not be decayed."""
-    timm_skip = {f"image_tower.trunk.{n}" for n in getattr(model.image_tower.trunk, "no_weight_decay", set)()}
-    names = set()
-    for name, param in model.named_parameters():
-        is_embedding = "embedding" in name or "pos_embed" in name or name.endswith(("cls_token", "reg_token"))
-        if param.ndim < 2 or is_embedding or name in timm_skip:
-            names.add(name)
-    return names
-
-
-def build_optimizer(model: nn.Module, optim: OptimizerConfig) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters, weight decay on weight matrices only (see ``OptimizerConfig``)."""
-    skip = _no_weight_decay(model)
-    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for n, p in params if n not in skip], "weight_decay": optim.weight_decay},
-        {"params": [p for n, p in params if n in skip], "weight_decay": 0.0},
-    ]
-    # torch has fused AdamW kernels for CUDA and CPU tensors (on CPU the step is ~3x faster too).
-    fused = optim.fused and all(p.device.type in ("cuda", "cpu") for _, p in params)
-    return torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, fused=fused or None)
-
-
-def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -> float:
-    """The learning rate of optimizer step ``step`` (from 0) as a fraction of the peak.
-
-    OpenCLIP's schedule: step ``k`` of the warmup takes ``(k + 1) / warmup_steps`` of the peak, so no
-    step is wasted at rate 0, then a cosine from the peak at ``warmup_steps`` down to ``min_ratio``
-    at ``total_steps``.
-    """
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = min((step - warmup_steps) / max(total_steps - warmup_steps, 1), 1.0)
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def forward_in_pieces(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor, piece: int | None) -> CLIPOutput:
-    """``model(images, tokens)``, encoded ``piece`` samples at a time with activation checkpointing.
-
-    Each piece keeps only its features through the forward pass; its activations are recomputed
-    in backward, one piece at a time. The loss over the concatenated features, and so every
-    gradient, is that of the whole batch (see ``CLIPModule``'s ``micro_batch_size``).
-    """
-    if piece is None or len(images) <= piece:
+    if micro_batch_size is None or len(images) <= micro_batch_size:
         return model(images, tokens)
-    outs = [checkpoint(model, i, t, use_reentrant=False) for i, t in zip(images.split(piece), tokens.split(piece))]
-    # The pieces share one temperature and bias; the last piece's carry their gradients.
+    outs = [
+        checkpoint(model, i, t, use_reentrant=False)
+        for i, t in zip(images.split(micro_batch_size), tokens.split(micro_batch_size))
+    ]
+    # The micro-batches share one temperature and bias; the last one's carry their gradients.
     return CLIPOutput(
         torch.cat([o.image_features for o in outs]),
         torch.cat([o.text_features for o in outs]),
@@ -176,16 +96,16 @@ class CLIPModule(L.LightningModule):
             oneDNN's convolutions prefer (RN50: 1.5x on an H100). None: on when the image tower has
             more than one convolution (ResNets, ConvNeXts; not ViTs, whose one conv is the patch
             embedding).
-        micro_batch_size: Encode a training batch in pieces of this many samples, each recomputed
-            in backward (activation checkpointing per piece), so the towers' activation memory is
-            that of one piece while the contrastive loss still sees the whole batch: the loss and
-            its gradients are exactly those of the whole batch, for one extra forward pass. This is
+        micro_batch_size: Encode a training batch in micro-batches of this many samples, each
+            recomputed in backward (activation checkpointing per micro-batch), so the towers'
+            activation memory is that of one micro-batch while the contrastive loss still sees the
+            whole batch: the loss and its gradients are exactly those of the whole batch, for one extra forward pass. This is
             how a contrastive batch larger than memory is trained (OpenCLIP's ``accum_freq``
-            caches features for the same purpose). BatchNorm towers see per-piece statistics.
+            caches features for the same purpose). BatchNorm towers see per-micro-batch statistics.
             None: the whole batch at once.
         zero_shot_tasks: Zero-shot classification tasks run at each validation, split across ranks.
         lock_image: Freeze the image tower (LiT), but its projection and its last
-            ``lock_image_unlocked_groups`` parameter groups; see ``clip_pl.lock``.
+            ``lock_image_unlocked_groups`` parameter groups; see ``clip_pl.lit``.
         lock_image_unlocked_groups: Groups of a locked image tower, counted from the output, left trainable.
         lock_text: Freeze the text tower likewise.
         lock_text_unlocked_groups: Groups of a locked text tower left trainable.
@@ -261,7 +181,7 @@ class CLIPModule(L.LightningModule):
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         images, tokens = batch
-        out = forward_in_pieces(self.model, images, tokens, self.micro_batch_size)
+        out = forward_in_micro_batches(self.model, images, tokens, self.micro_batch_size)
         loss = self.loss(*out)
         with torch.no_grad():
             # In-batch (this rank's) image->text top-1: a cheap signal that learning happens.

@@ -336,7 +336,7 @@ def load_openclip_weights(model: CLIP, source: str | os.PathLike, new_token_embe
 
 def load_openclip(source: str | os.PathLike, model_name: str | None = None) -> tuple[CLIP, Any]:
     """A pretrained OpenCLIP/OpenAI model (eval mode, CPU) with its own tokenizer, ready for inference."""
-    from clip_pl.openclip_tokenizer import OpenCLIPTokenizer
+    from data_pipelines.openclip_tokenizer import OpenCLIPTokenizer
 
     model = create_model_from_openclip(source, model_name, load_weights=True).eval()
     return model, OpenCLIPTokenizer.from_file(context_length=model.config.text.context_length)

@@ -25,10 +25,10 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from clip_pl.api import add_model_arguments, load
-from clip_pl.errors import USER_ERRORS, report_user_error
 from clip_pl.evaluation import build_zero_shot_classifier, resolve_templates
 from clip_pl.model import CLIP
-from clip_pl.tokenizer import Tokenizer
+from data_pipelines.errors import USER_ERRORS, report_user_error
+from data_pipelines.tokenizer import Tokenizer
 
 DEFAULT_TEMPLATE = "a photo of a {}."
 

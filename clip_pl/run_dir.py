@@ -13,7 +13,7 @@ import os
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from clip_pl.atomic import atomic_output
+from data_pipelines.atomic import atomic_output
 
 FINAL_METRICS_FILE = "final_metrics.json"
 ABSENT = "(absent)"

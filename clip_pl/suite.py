@@ -18,7 +18,7 @@ A suite file (YAML) lists datasets by their clip_benchmark names::
 ``dataset_root`` and ``root`` are patterns in the way of clip_benchmark's ``--dataset_root``:
 ``{dataset}`` is the dataset's name and ``{dataset_cleaned}`` the name with ``/`` as ``-``. A
 relative result is taken from the folder given to the command (``--suite-root``) or the working
-directory. Each folder is read by ``clip_pl.eval_data.read_benchmark_folder``.
+directory. Each folder is read by ``data_pipelines.eval_data.read_benchmark_folder``.
 
 Every dataset is evaluated as clip_benchmark evaluates it (``clip_pl.metrics``), and its images are
 embedded once: classification reports ``top1``, ``top5`` (with 5 classes or more) and
@@ -45,14 +45,15 @@ import yaml
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from clip_pl.distributed import all_gather_uneven, fail_together, rank_and_world_size
-from clip_pl.errors import USER_ERRORS, user_error_line
-from clip_pl.eval_data import BenchmarkFolder, LabelledShards, caption_lines, multi_hot, read_benchmark_folder
+from clip_pl.distributed import all_gather_uneven, fail_together
 from clip_pl.evaluation import build_zero_shot_classifier
 from clip_pl.metrics import accuracy, mean_average_precision, mean_per_class_recall, retrieval_recall
 from clip_pl.model import CLIP
-from clip_pl.tokenizer import TextTokenizer
-from clip_pl.transforms import image_transform
+from data_pipelines.errors import USER_ERRORS, user_error_line
+from data_pipelines.eval_data import BenchmarkFolder, LabelledShards, caption_lines, multi_hot, read_benchmark_folder
+from data_pipelines.ranks import rank_and_world_size
+from data_pipelines.tokenizer import TextTokenizer
+from data_pipelines.transforms import image_transform
 
 SUITES_DIR = os.path.join(os.path.dirname(__file__), "suites")
 TASKS = ("zeroshot_classification", "zeroshot_retrieval")

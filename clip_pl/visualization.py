@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from clip_pl.model import PreprocessConfig
+from data_pipelines.transforms import PreprocessConfig
 
 _BACKGROUND = (255, 255, 255)
 _TEXT = (20, 20, 20)

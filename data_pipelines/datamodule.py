@@ -28,21 +28,22 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
-from clip_pl.model import PreprocessConfig
-from clip_pl.tokenizer import Tokenizer
-from clip_pl.transforms import CROP_RATIO, image_transform
 from data_pipelines.counters import SkipCounters
 from data_pipelines.pipeline import (
     MODES,
     ShardStream,
     ValStream,
+    batches_per_epoch,
     load_shard_set,
     make_decoder,
-    rank_and_world_size,
     select_val_shards,
 )
-from data_pipelines.samples import DEFAULT_MAX_IMAGE_PIXELS, IMAGE_EXTENSIONS, CaptionKey, check_layout
+from data_pipelines.ranks import rank_and_world_size
+from data_pipelines.samples import DEFAULT_MAX_IMAGE_PIXELS, IMAGE_EXTENSIONS, SampleKey, check_layout
 from data_pipelines.shards import local_path
+from data_pipelines.tokenizer import Tokenizer
+from data_pipelines.transforms import PreprocessConfig
+from data_pipelines.transforms import CROP_RATIO, image_transform
 
 # State entries that must match for a resume to continue at the exact sample.
 _LAYOUT_KEYS = ("mode", "seed", "world_size", "num_workers", "batch_size", "samples_per_epoch", "shuffle_buffer")
@@ -80,7 +81,7 @@ class ShardDataModule(LightningDataModule):
 
     Images leave the workers as uint8 pixels, cropped and resized but not normalized: 4x fewer bytes
     to pin and copy. ``CLIPModule`` normalizes them on the device with the image tower's mean and
-    std; elsewhere apply ``clip_pl.transforms.NormalizeImages(model.preprocess_config)`` to them.
+    std; elsewhere apply ``data_pipelines.transforms.NormalizeImages(model.preprocess_config)`` to them.
 
     Args:
         train_shards: Training shard spec (paths, brace patterns, URLs, ``pipe:``; sources joined
@@ -153,7 +154,7 @@ class ShardDataModule(LightningDataModule):
         self.mode, self.train_weights, self.shuffle_buffer, self.seed = mode, train_weights, shuffle_buffer, seed
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.rank, self.world_size = rank, world_size
-        key = CaptionKey.parse(caption_key)
+        key = SampleKey.parse(caption_key)
         # Mean and std are the module's business (NormalizeImages on the device); geometry only here.
         geometry = PreprocessConfig(image_size, (0.0,) * 3, (1.0,) * 3, interpolation)
         # Built here so that a bad interpolation or crop_scale fails at construction.
@@ -196,7 +197,7 @@ class ShardDataModule(LightningDataModule):
     def batches_per_epoch(self) -> int:
         """Training batches per epoch on each rank: ``samples_per_epoch // (world_size * batch_size)``."""
         _, world_size = rank_and_world_size(self.rank, self.world_size)
-        return self._shards.samples_per_epoch // (world_size * self.batch_size)
+        return batches_per_epoch(self._shards.samples_per_epoch, world_size, self.batch_size)
 
     def train_dataloader(self) -> DataLoader:
         if self._stream is None:

@@ -30,9 +30,9 @@ from dataclasses import dataclass
 import torch
 from PIL import Image, ImageDraw
 
-from clip_pl.tokenizer import train_sentencepiece
 from data_pipelines.make_shards import Pair, write_shards
 from data_pipelines.samples import decode_image, read_samples
+from data_pipelines.tokenizer import train_sentencepiece
 
 COLOURS = {
     "red": (220, 30, 30),

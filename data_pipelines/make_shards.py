@@ -36,7 +36,7 @@ import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
-from clip_pl.errors import USER_ERRORS, report_user_error
+from data_pipelines.errors import USER_ERRORS, report_user_error
 from data_pipelines.samples import IMAGE_EXTENSIONS, SkipSample, decode_image
 
 # Formats accepted as input; anything but IMAGE_EXTENSIONS is re-encoded as JPEG.

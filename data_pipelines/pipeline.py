@@ -41,13 +41,12 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import IterableDataset, get_worker_info
 
-from clip_pl.tokenizer import Tokenizer
-from clip_pl.transforms import ImageTransform, stack_pixels
 from data_pipelines.counters import SkipCounters
+from data_pipelines.ranks import rank_and_world_size
 from data_pipelines.samples import (
     DEFAULT_MAX_IMAGE_PIXELS,
     IMAGE_EXTENSIONS,
-    CaptionKey,
+    SampleKey,
     SkipSample,
     check_layout,
     decode_pixels,
@@ -55,6 +54,8 @@ from data_pipelines.samples import (
     read_samples,
 )
 from data_pipelines.shards import ShardSource, describe_missing_sizes, parse_shard_spec, shard_sizes
+from data_pipelines.tokenizer import Tokenizer
+from data_pipelines.transforms import ImageTransform, stack_pixels
 
 MODES = ("resampled", "epoch")
 
@@ -66,15 +67,19 @@ _MAX_EMPTY_SHARDS_IN_A_ROW = 100
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 
-def rank_and_world_size(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
-    """This process's rank and the world size: the arguments where given, else torch.distributed, else (0, 1)."""
-    if dist.is_available() and dist.is_initialized():
-        rank = dist.get_rank() if rank is None else rank
-        world_size = dist.get_world_size() if world_size is None else world_size
-    rank, world_size = (0 if rank is None else rank), (1 if world_size is None else world_size)
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank must be in [0, world_size), got rank={rank}, world_size={world_size}")
-    return rank, world_size
+def batches_per_epoch(samples_per_epoch: int, world_size: int, batch_size: int) -> int:
+    """Full batches each rank yields per epoch; the remainder of the epoch's samples is dropped.
+
+    Raises:
+        ValueError: The epoch holds less than one global batch.
+    """
+    batches = samples_per_epoch // (world_size * batch_size)
+    if batches == 0:
+        raise ValueError(
+            f"samples_per_epoch={samples_per_epoch} is less than one global batch "
+            f"(world_size {world_size} x batch_size {batch_size}); lower batch_size"
+        )
+    return batches
 
 
 @dataclass(frozen=True)
@@ -163,7 +168,7 @@ class SampleDecoder:
     The image is decoded to uint8 pixels (``decode_pixels``) and passed through ``transform``.
     """
 
-    caption_key: CaptionKey
+    caption_key: SampleKey
     transform: ImageTransform
     image_keys: tuple[str, ...] = IMAGE_EXTENSIONS
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
@@ -174,7 +179,7 @@ class SampleDecoder:
         data = image_bytes(sample, self.image_keys)
         if data is None:
             raise SkipSample("missing_image", sample.get("__key__", ""))
-        caption = self.caption_key.get(sample)
+        caption = self.caption_key.caption(sample)
         if caption is None:
             raise SkipSample("missing_caption", sample.get("__key__", ""))
         return self.transform(decode_pixels(data, self.max_image_pixels, self.min_size)), caption
@@ -278,12 +283,7 @@ class ShardStream(IterableDataset):
         if batch_size <= 0 or shuffle_buffer <= 0:
             raise ValueError(f"batch_size and shuffle_buffer must be positive, got {batch_size}, {shuffle_buffer}")
         self.rank, self.world_size = rank_and_world_size(rank, world_size)
-        self.batches_per_epoch = shards.samples_per_epoch // (self.world_size * batch_size)
-        if self.batches_per_epoch == 0:
-            raise ValueError(
-                f"samples_per_epoch={shards.samples_per_epoch} is less than one global batch "
-                f"(world_size {self.world_size} x batch_size {batch_size}); lower batch_size"
-            )
+        self.batches_per_epoch = batches_per_epoch(shards.samples_per_epoch, self.world_size, batch_size)
         if check:
             for source in shards.sources:
                 check_layout(source.urls, decoder.caption_key, decoder.image_keys, source_name=source.spec)
@@ -521,13 +521,13 @@ def select_val_shards(spec: str | Sequence[str], val_samples: int | None = None)
 
 
 def make_decoder(
-    caption_key: str | CaptionKey,
+    caption_key: str | SampleKey,
     transform: ImageTransform,
     image_keys: Sequence[str] = IMAGE_EXTENSIONS,
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
     min_size: int | None = None,
 ) -> SampleDecoder:
     """A ``SampleDecoder`` from plain arguments."""
-    key = caption_key if isinstance(caption_key, CaptionKey) else CaptionKey.parse(caption_key)
+    key = caption_key if isinstance(caption_key, SampleKey) else SampleKey.parse(caption_key)
     image_keys = tuple(k.lower().lstrip(".") for k in image_keys)
     return SampleDecoder(key, transform, image_keys, max_image_pixels, min_size)

@@ -19,6 +19,7 @@ import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import islice
+from typing import Any
 
 import torch
 from PIL import Image
@@ -31,8 +32,8 @@ try:
 except ImportError:  # pragma: no cover - torchvision builds without image ops
     decode_jpeg = None
 
-from clip_pl.transforms import to_rgb, to_uint8_tensor
 from data_pipelines.tar_reader import iter_tar
+from data_pipelines.transforms import to_rgb, to_uint8_tensor
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 
@@ -55,47 +56,73 @@ class SkipSample(Exception):
 
 
 @dataclass(frozen=True)
-class CaptionKey:
-    """Where the caption lives in a sample.
+class SampleKey:
+    """Where a value lives in a sample: a member file (``"txt"``, ``"cls"``) or a field of one (``"json:caption"``).
+
+    The one syntax of ``data.caption_key``, ``label_key`` and the commands' ``--caption-key`` and
+    ``--label-key``; dots in the field reach nested JSON fields (``"json:meta.caption"``).
 
     Attributes:
-        extension: The file extension holding the caption (``txt``) or the JSON (``json``).
-        field: Dotted path of the caption inside the JSON, or None for a plain text file.
+        extension: The member's file extension (``txt``, ``cls``, ``json``).
+        field: Dotted path of the value inside the member's JSON, or None for the whole member.
     """
 
     extension: str
     field: str | None = None
 
     @classmethod
-    def parse(cls, text: str) -> CaptionKey:
-        """Parses ``"txt"`` or ``"json:caption"``."""
+    def parse(cls, text: str, option: str = "caption_key") -> SampleKey:
+        """Parses ``"txt"`` or ``"json:caption"``; an error names ``option``, the setting it came from."""
         ext, sep, field = text.partition(":")
         ext = ext.strip().lower().lstrip(".")
         if not ext or (sep and not field.strip()):
-            raise ValueError(f"caption_key must look like 'txt' or 'json:caption', got {text!r}")
+            example = "'cls' or 'json:label'" if option == "label_key" else "'txt' or 'json:caption'"
+            raise ValueError(f"{option} must look like {example}, got {text!r}")
         return cls(ext, field.strip() if sep else None)
 
     def __str__(self) -> str:
         return f"{self.extension}:{self.field}" if self.field else self.extension
 
-    def get(self, sample: dict) -> str | None:
+    def value(self, sample: dict) -> Any:
+        """The member's text, or its JSON field's value.
+
+        Raises:
+            KeyError: The sample has no such member, or its JSON no such field.
+            ValueError: The member is not UTF-8 or not JSON.
+        """
+        data = sample[self.extension]
+        text = data.decode("utf-8") if isinstance(data, bytes) else str(data)
+        if self.field is None:
+            return text
+        value = json.loads(text)
+        for name in self.field.split("."):
+            value = value[name]
+        return value
+
+    def caption(self, sample: dict) -> str | None:
         """The stripped caption of a raw sample, or None when missing, empty or unreadable."""
-        data = sample.get(self.extension)
-        if data is None:
-            return None
         try:
-            text = data.decode("utf-8") if isinstance(data, bytes) else str(data)
-            if self.field is not None:
-                value = json.loads(text)
-                for name in self.field.split("."):
-                    value = value[name]
-                if not isinstance(value, str):
-                    return None
-                text = value
-        except (UnicodeDecodeError, ValueError, KeyError, TypeError):
+            text = self.value(sample)
+        except (KeyError, ValueError, TypeError):
+            return None
+        if not isinstance(text, str):
             return None
         text = text.strip()
         return text or None
+
+    def label(self, sample: dict) -> int:
+        """The class index of a raw sample; fails naming the sample, since a skipped one would bias accuracy."""
+        key = sample.get("__key__", "?")
+        if self.extension not in sample:
+            found = ", ".join(k for k in sample if not k.startswith("__"))
+            raise ValueError(
+                f"sample {key!r} of {sample.get('__url__', 'the shards')} has no .{self.extension} member "
+                f"(it has: {found}); set label_key to 'cls' or 'json:FIELD'"
+            )
+        try:
+            return int(self.value(sample))
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"sample {key!r}: cannot read an integer class index with label_key={str(self)!r} ({e!r})") from None
 
 
 def image_bytes(sample: dict, image_keys: Sequence[str] = IMAGE_EXTENSIONS) -> bytes | None:
@@ -268,7 +295,7 @@ def read_samples(
 
 def check_layout(
     urls: Sequence[str],
-    caption_key: CaptionKey,
+    caption_key: SampleKey,
     image_keys: Sequence[str] = IMAGE_EXTENSIONS,
     max_samples: int = 1000,
     source_name: str = "",
@@ -302,7 +329,7 @@ def check_layout(
             except (ValueError, TypeError):
                 pass
         with_image += image_bytes(sample, image_keys) is not None
-        with_caption += caption_key.get(sample) is not None
+        with_caption += caption_key.caption(sample) is not None
         if with_image and with_caption:
             return
     where = f"source {source_name!r}" if source_name else "the shards"

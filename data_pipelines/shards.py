@@ -12,7 +12,7 @@ Spec syntax (the same for training and validation):
   ``mode="resampled"`` only.
 
 Sizes come from ``sizes.json`` (shard basename -> sample count, as written by ``make_shards`` or
-``python -m data_pipelines.inspect --write-sizes``) or img2dataset's ``NNNNN_stats.json`` (field
+``python -m data_pipelines.inspect_shards --write-sizes``) or img2dataset's ``NNNNN_stats.json`` (field
 ``successes``) in the shard's directory. For ``http(s)`` shards only ``sizes.json`` is fetched;
 ``pipe:`` shards have no known size.
 """
@@ -183,5 +183,5 @@ def describe_missing_sizes(urls: Sequence[str], sizes: Sequence[int | None]) -> 
     return (
         f"the sample count of {len(missing)} of {len(urls)} shards is unknown (e.g. {missing[0]}): "
         "there is no sizes.json or img2dataset NNNNN_stats.json next to them. Write one with "
-        "`python -m data_pipelines.inspect SPEC --write-sizes`, or pass samples_per_epoch"
+        "`python -m data_pipelines.inspect_shards SPEC --write-sizes`, or pass samples_per_epoch"
     )

@@ -20,15 +20,15 @@ from itertools import islice
 
 from tqdm import tqdm
 
-from clip_pl.errors import USER_ERRORS, report_user_error
-from clip_pl.tokenizer import train_sentencepiece
-from data_pipelines.samples import CaptionKey, read_samples
+from data_pipelines.errors import USER_ERRORS, report_user_error
+from data_pipelines.samples import SampleKey, read_samples
 from data_pipelines.shards import parse_shard_spec
+from data_pipelines.tokenizer import train_sentencepiece
 
 
 def shard_captions(spec: str | Sequence[str], caption_key: str = "txt") -> Iterator[str]:
     """Captions of the shards in order; samples without one and unreadable shards are passed over."""
-    key = CaptionKey.parse(caption_key)
+    key = SampleKey.parse(caption_key)
     urls = [u for s in parse_shard_spec(spec) for u in s.urls]
 
     def keep_caption_file(name: str) -> bool:
@@ -40,7 +40,7 @@ def shard_captions(spec: str | Sequence[str], caption_key: str = "txt") -> Itera
         return True
 
     for sample in read_samples(urls, skip_shard, select_files=keep_caption_file):
-        caption = key.get(sample)
+        caption = key.caption(sample)
         if caption is not None:
             yield caption
 

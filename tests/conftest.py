@@ -11,7 +11,7 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from clip_pl.tokenizer import Tokenizer, train_sentencepiece
+from data_pipelines.tokenizer import Tokenizer, train_sentencepiece
 
 # Captions of the tiny shards are "photo <id>", so a test can read back which sample a token row is.
 _TOKENIZER_TEXT = [f"photo {i}" for i in range(200)] + [

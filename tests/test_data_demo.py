@@ -7,13 +7,13 @@ import os
 
 import numpy as np
 
-from clip_pl.tokenizer import UNK_ID, Tokenizer
 from data_pipelines.datamodule import ShardDataModule
 from data_pipelines.demo import COLOURS, DEMO_TASKS, POSITIONS, demo_eval_set, prepare_demo_data, zero_shot_tasks
-from data_pipelines.samples import CaptionKey, decode_image, read_samples
+from data_pipelines.samples import SampleKey, decode_image, read_samples
 from data_pipelines.shards import parse_shard_spec
-from clip_pl.model import PreprocessConfig
-from clip_pl.transforms import image_transform
+from data_pipelines.tokenizer import UNK_ID, Tokenizer
+from data_pipelines.transforms import PreprocessConfig
+from data_pipelines.transforms import image_transform
 
 
 def test_demo_is_generated_once_and_reused(tmp_path):
@@ -39,7 +39,7 @@ def test_demo_captions_and_pixels_match_the_labels(tmp_path):
 
     for sample in read_samples(parse_shard_spec(data.val_shards)[0].urls, fail):
         meta = json.loads(sample["json"])
-        caption = CaptionKey.parse("txt").get(sample)
+        caption = SampleKey.parse("txt").caption(sample)
         assert f"{meta['colour']} {meta['shape']}" in caption
         assert DEMO_TASKS["colour"][meta["colour_id"]] == meta["colour"]
         assert DEMO_TASKS["shape"][meta["shape_id"]] == meta["shape"]

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from data_pipelines.make_shards import main, pairs_from_folder, pairs_from_table, write_shards
-from data_pipelines.samples import CaptionKey, decode_image, image_bytes, read_samples
+from data_pipelines.samples import SampleKey, decode_image, image_bytes, read_samples
 
 
 def read_back(directory) -> dict[str, dict]:
@@ -25,7 +25,7 @@ def read_back(directory) -> dict[str, dict]:
         meta = json.loads(sample["json"])
         image = decode_image(image_bytes(sample))
         extensions = sorted(k for k in sample if not k.startswith("__"))
-        out[CaptionKey.parse("txt").get(sample)] = {
+        out[SampleKey.parse("txt").caption(sample)] = {
             "key": sample["__key__"],
             "ext": extensions,
             "json": meta,

@@ -17,12 +17,12 @@ import pytest
 import torch
 from PIL import Image
 
-from clip_pl.errors import report_user_error
-from clip_pl.model import PreprocessConfig
-from clip_pl.transforms import NormalizeImages
 from data_pipelines import pipeline
 from data_pipelines.datamodule import ShardDataModule
+from data_pipelines.errors import report_user_error
 from data_pipelines.samples import SkipSample, decode_image, decode_pixels, jpeg_frame
+from data_pipelines.transforms import PreprocessConfig
+from data_pipelines.transforms import NormalizeImages
 
 
 def datamodule(spec, tokenizer, **kw) -> ShardDataModule:

@@ -8,9 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from clip_pl.tokenizer import UNK_ID, Tokenizer
-from data_pipelines import inspect as inspect_tool
+from data_pipelines import inspect_shards as inspect_tool
 from data_pipelines import train_tokenizer
+from data_pipelines.tokenizer import UNK_ID, Tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -39,7 +39,7 @@ def test_inspect_reports_counts_extensions_captions_and_broken_share(make_tiny_s
 def test_inspect_runs_as_a_module(make_tiny_shards):
     spec, _ = make_tiny_shards([3])
     result = subprocess.run(
-        [sys.executable, "-m", "data_pipelines.inspect", spec, "--caption-key", "json:caption"],
+        [sys.executable, "-m", "data_pipelines.inspect_shards", spec, "--caption-key", "json:caption"],
         capture_output=True,
         text=True,
         cwd=REPO,

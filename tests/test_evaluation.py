@@ -11,9 +11,8 @@ from PIL import Image
 from tiny_clip import CONTEXT_LENGTH, make_image_folder, make_model, make_tokenizer, random_image, write_checkpoint
 from torch.utils.data import DataLoader
 
-from clip_pl import evaluate, transforms
+from clip_pl import evaluate
 from clip_pl.distributed import free_port
-from clip_pl.eval_data import LabelledShards
 from clip_pl.evaluation import (
     DEFAULT_TEMPLATES,
     ZeroShotTask,
@@ -23,8 +22,10 @@ from clip_pl.evaluation import (
     resolve_templates,
 )
 from clip_pl.metrics import accuracy, retrieval_recall
-from clip_pl.tokenizer import Tokenizer
-from clip_pl.transforms import image_transform
+from data_pipelines import transforms
+from data_pipelines.eval_data import LabelledShards
+from data_pipelines.tokenizer import Tokenizer
+from data_pipelines.transforms import image_transform
 
 # ---------------------------------------------------------------- retrieval
 

@@ -14,8 +14,8 @@ from safetensors.torch import save_file
 from clip_pl.export import main
 from clip_pl.model import create_model
 from clip_pl.openclip_models import create_model_from_openclip, load_openclip
-from clip_pl.openclip_tokenizer import OpenCLIPTokenizer
-from clip_pl.tokenizer import Tokenizer
+from data_pipelines.openclip_tokenizer import OpenCLIPTokenizer
+from data_pipelines.tokenizer import Tokenizer
 from test_openclip_models import CAPTIONS, small
 from tiny_clip import CONTEXT_LENGTH, make_model, make_tokenizer, write_checkpoint
 

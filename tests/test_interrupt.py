@@ -19,16 +19,16 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from test_train import compose_train, demo_overrides  # noqa: F401 (a fixture)
 
 import train
-from clip_pl.atomic import atomic_output, remove_stale_temporaries
 from clip_pl.callbacks import LastCheckpointSchedule, interrupted_by
 from clip_pl.checkpoint import read_checkpoint
+from data_pipelines.atomic import atomic_output, remove_stale_temporaries
 from signal_probe import SignalAtSteps
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS = os.path.join(ROOT, "tests")
 
 # Writes 1 MiB through atomic_output, prints the temporary file's path and waits inside the block
-# until its stdin closes. It loads clip_pl/atomic.py alone: the package would import torch, for seconds.
+# until its stdin closes. It loads data_pipelines/atomic.py alone: the package would import torch, for seconds.
 WRITER = """
 import importlib.util, sys
 spec = importlib.util.spec_from_file_location("atomic", sys.argv[2])
@@ -44,7 +44,7 @@ with atomic.atomic_output(sys.argv[1]) as tmp:
 
 def start_writer(path) -> tuple[subprocess.Popen, str]:
     """A process in the middle of an atomic write of ``path``, and its temporary file."""
-    atomic = os.path.join(ROOT, "clip_pl", "atomic.py")
+    atomic = os.path.join(ROOT, "data_pipelines", "atomic.py")
     writer = subprocess.Popen([sys.executable, "-c", WRITER, str(path), atomic], stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, text=True)
     return writer, writer.stdout.readline().strip()

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from clip_pl.distributed import free_port
 from clip_pl.loss import ClipLoss, SigLipLoss
 from clip_pl.model import create_model
-from clip_pl.module import forward_in_pieces
+from clip_pl.module import forward_in_micro_batches
 
 
 def reference_clip_loss(img, txt, scale):
@@ -88,7 +88,7 @@ class _PieceWise(torch.nn.Module):
         self.model, self.piece = model, piece
 
     def forward(self, images, tokens):
-        return forward_in_pieces(self.model, images, tokens, self.piece)
+        return forward_in_micro_batches(self.model, images, tokens, self.piece)
 
 
 def _step(model, loss_name, images, tokens):

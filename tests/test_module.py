@@ -19,15 +19,9 @@ from clip_pl.checkpoint import atomic_torch_save, model_from_checkpoint, read_ch
 from clip_pl.flops import model_flops_per_sample
 from clip_pl.loss import ClipLoss, SigLipLoss
 from clip_pl.model import create_model
-from clip_pl.module import (
-    CLIPModule,
-    OptimizerConfig,
-    _no_weight_decay,
-    _rng_state,
-    _set_rng_state,
-    forward_in_pieces,
-)
-from clip_pl.tokenizer import train_sentencepiece
+from clip_pl.module import CLIPModule, _rng_state, _set_rng_state, forward_in_micro_batches
+from clip_pl.optim import OptimizerConfig, _no_weight_decay
+from data_pipelines.tokenizer import train_sentencepiece
 
 
 @pytest.fixture(scope="module")
@@ -220,7 +214,7 @@ def _batch(n=12, size=32, seed=0):
 
 def _loss_and_grads(module, images, tokens):
     module.zero_grad(set_to_none=True)
-    loss = module.loss(*forward_in_pieces(module.model, images, tokens, module.micro_batch_size))
+    loss = module.loss(*forward_in_micro_batches(module.model, images, tokens, module.micro_batch_size))
     loss.backward()
     return loss.item(), {n: p.grad.clone() for n, p in module.model.named_parameters()}
 
@@ -256,7 +250,7 @@ def test_micro_batches_keep_only_features_through_the_forward_pass(tokenizer):
             return t
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            forward_in_pieces(module.model, images_f, tokens_f, micro)
+            forward_in_micro_batches(module.model, images_f, tokens_f, micro)
         saved[micro] = total
     # Without pieces autograd keeps every activation; with them only inputs and features.
     assert saved[4] < saved[None] / 20

@@ -11,8 +11,8 @@ from tiny_clip import CONTEXT_LENGTH, make_tokenizer, random_image, write_checkp
 import clip_pl
 from clip_pl import export
 from clip_pl.model import create_model
-from clip_pl.openclip_tokenizer import OpenCLIPTokenizer
-from clip_pl.tokenizer import tokenizer_from_state_dict
+from data_pipelines.openclip_tokenizer import OpenCLIPTokenizer
+from data_pipelines.tokenizer import tokenizer_from_state_dict
 
 CAPTIONS = [
     "A red  handwritten SEVEN!",

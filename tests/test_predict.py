@@ -12,7 +12,7 @@ from tiny_clip import CONTEXT_LENGTH, make_model, make_tokenizer, random_image
 from clip_pl import predict
 from clip_pl.export import export_model
 from clip_pl.model import create_model
-from clip_pl.transforms import image_transform
+from data_pipelines.transforms import image_transform
 
 LABELS = ["granny smith", "ipod", "pizza"]
 REPO = Path(__file__).resolve().parents[1]

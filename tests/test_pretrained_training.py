@@ -17,7 +17,7 @@ import train
 from clip_pl.api import read_state_dict
 from clip_pl.checkpoint import CHECKPOINT_KEY, read_checkpoint
 from clip_pl.openclip_models import create_model_from_openclip
-from clip_pl.tokenizer import Tokenizer
+from data_pipelines.tokenizer import Tokenizer
 
 IMAGE_SIZE = 32
 TOKEN_EMBEDDING = "text_tower.token_embedding.weight"

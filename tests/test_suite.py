@@ -17,7 +17,7 @@ from clip_pl import evaluate
 from clip_pl.api import load
 from clip_pl.distributed import free_port
 from clip_pl.suite import Suite, SuiteDataset, shipped_suites
-from clip_pl.tokenizer import Tokenizer
+from data_pipelines.tokenizer import Tokenizer
 
 SETS = {
     "classes": ("zeroshot_classification", write_classification),
@@ -176,7 +176,7 @@ def test_a_suite_reads_datasets_over_http(model_files, tmp_path):
     import http.server
     import threading
 
-    from clip_pl.eval_data import read_benchmark_folder
+    from data_pipelines.eval_data import read_benchmark_folder
 
     model, tokenizer, _ = model_files
     write_sets(tmp_path / "data")
@@ -199,7 +199,7 @@ def test_a_suite_reads_datasets_over_http(model_files, tmp_path):
 
 
 def test_a_hugging_face_page_reads_text_under_raw_and_shards_under_resolve():
-    from clip_pl.eval_data import _metadata_and_shard_roots
+    from data_pipelines.eval_data import _metadata_and_shard_roots
 
     page = "https://huggingface.co/datasets/clip-benchmark/wds_vtab-cifar10/tree/main"
     assert _metadata_and_shard_roots(page) == (

@@ -3,7 +3,7 @@ import os
 import pytest
 import torch
 
-from clip_pl.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer, train_sentencepiece
+from data_pipelines.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer, train_sentencepiece
 
 ENGLISH = [
     "a photo of a dog on the beach",

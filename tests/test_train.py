@@ -278,7 +278,7 @@ def test_skipped_samples_are_logged_summed_over_ranks(make_tiny_shards, tmp_path
 
     from test_data_pipeline import _broken_shards
 
-    from clip_pl.tokenizer import train_sentencepiece
+    from data_pipelines.tokenizer import train_sentencepiece
     from data_pipelines.datamodule import ShardDataModule
 
     spec, _ = _broken_shards(make_tiny_shards)

@@ -3,8 +3,6 @@ import pytest
 import torch
 from PIL import Image, ImageFont
 
-from clip_pl.model import PreprocessConfig
-from clip_pl.transforms import image_transform
 from clip_pl.visualization import (
     images_from_batch,
     retrieval_grid_image,
@@ -12,6 +10,8 @@ from clip_pl.visualization import (
     to_array,
     wrap_text,
 )
+from data_pipelines.transforms import PreprocessConfig
+from data_pipelines.transforms import image_transform
 
 CAPTIONS = ["a red square", "a green square", "a blue square on a white table in a bright kitchen"]
 COLOURS = [(220, 30, 30), (30, 160, 60), (40, 60, 200)]

@@ -10,7 +10,7 @@ from PIL import Image
 
 from clip_pl.checkpoint import CHECKPOINT_KEY, STATE_DICT_PREFIX
 from clip_pl.model import CLIP, create_model
-from clip_pl.tokenizer import Tokenizer, train_sentencepiece
+from data_pipelines.tokenizer import Tokenizer, train_sentencepiece
 
 CAPTIONS = [
     "a photo of a red apple",

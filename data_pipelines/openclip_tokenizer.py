@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from clip_pl.atomic import atomic_output
+from data_pipelines.atomic import atomic_output
 
 KIND = "openclip_bpe"
 

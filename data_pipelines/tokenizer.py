@@ -3,7 +3,7 @@
 Every sequence is ``[bos] pieces... [eos] [pad]...`` of exactly ``context_length`` ids.
 When a caption is too long the pieces are cut and EOS is kept, because the text tower
 pools its output at the EOS position. A text tower loaded from OpenAI/OpenCLIP keeps the BPE
-it was trained with (``clip_pl.openclip_tokenizer``); both kinds share this interface, and
+it was trained with (``data_pipelines.openclip_tokenizer``); both kinds share this interface, and
 ``tokenizer_from_state_dict`` rebuilds either from a checkpoint.
 """
 
@@ -16,7 +16,7 @@ from typing import Protocol
 import sentencepiece as spm
 import torch
 
-from clip_pl.atomic import atomic_output
+from data_pipelines.atomic import atomic_output
 
 # Special ids written into every model trained by ``train_sentencepiece``. sentencepiece
 # disables padding by default (pad_id=-1), so they are always set explicitly.
@@ -142,7 +142,7 @@ def tokenizer_from_state_dict(state: dict) -> TextTokenizer:
     if kind == Tokenizer.kind:
         return Tokenizer.from_state_dict(state)
     if kind == "openclip_bpe":
-        from clip_pl.openclip_tokenizer import OpenCLIPTokenizer
+        from data_pipelines.openclip_tokenizer import OpenCLIPTokenizer
 
         return OpenCLIPTokenizer.from_state_dict(state)
     raise ValueError(f"unknown tokenizer kind {kind!r} (this clip_pl knows sentencepiece and openclip_bpe)")

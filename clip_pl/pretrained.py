@@ -16,11 +16,11 @@ from collections.abc import Sequence
 
 import torch
 
-from clip_pl.checkpoint import CHECKPOINT_KEY, STATE_DICT_PREFIX, read_checkpoint
+from clip_pl.checkpoint import CHECKPOINT_KEY, model_state_dict, read_checkpoint
 from clip_pl.convert import TOWERS, load_openclip_image_tower, load_tower, read_weights_file
 from clip_pl.export import is_safetensors_file, read_exported
 from clip_pl.model import CLIP
-from clip_pl.tokenizer import TextTokenizer, tokenizer_from_state_dict
+from data_pipelines.tokenizer import TextTokenizer, tokenizer_from_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +36,7 @@ def _read_model_file(path: str) -> tuple[dict[str, torch.Tensor], TextTokenizer]
         return model.state_dict(), tokenizer
     # A training checkpoint is read directly: rebuilding its model first would cost a random init.
     checkpoint = read_checkpoint(path)
-    state = {
-        k[len(STATE_DICT_PREFIX) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(STATE_DICT_PREFIX)
-    }
-    return state, tokenizer_from_state_dict(checkpoint[CHECKPOINT_KEY]["tokenizer"])
+    return model_state_dict(checkpoint), tokenizer_from_state_dict(checkpoint[CHECKPOINT_KEY]["tokenizer"])
 
 
 def _load_text_tower(

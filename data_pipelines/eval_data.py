@@ -23,7 +23,6 @@ ROOT is a local folder, an ``http(s)://`` folder, or a Hugging Face dataset page
 from __future__ import annotations
 
 import io
-import json
 import os
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
@@ -39,9 +38,9 @@ from PIL import Image
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 from torchvision.datasets import ImageFolder
 
-from clip_pl.transforms import ImageTransform
-from data_pipelines.samples import IMAGE_EXTENSIONS, decode_image, image_bytes, read_samples
+from data_pipelines.samples import IMAGE_EXTENSIONS, SampleKey, decode_image, image_bytes, read_samples
 from data_pipelines.shards import parse_shard_spec
+from data_pipelines.transforms import ImageTransform
 
 
 def _open_image(path: str) -> Image.Image:
@@ -75,43 +74,6 @@ def image_folder(root: str | os.PathLike, transform: ImageTransform) -> tuple[Da
     return dataset, [name.replace("_", " ") for name in dataset.classes]
 
 
-class LabelKey:
-    """Where a shard sample stores its class index: ``"cls"`` (a member file) or ``"json:FIELD"``.
-
-    The syntax matches ``data_pipelines``' caption keys; dots in FIELD reach nested JSON fields.
-    """
-
-    def __init__(self, text: str):
-        extension, sep, field = text.partition(":")
-        self.extension = extension.strip().lower().lstrip(".")
-        self.field = field.strip() if sep else None
-        if not self.extension or (sep and not self.field):
-            raise ValueError(f"label_key must look like 'cls' or 'json:label', got {text!r}")
-        self.text = text
-
-    def get(self, sample: dict) -> int:
-        """The class index of a raw sample; fails naming the sample, since a skipped one would bias accuracy."""
-        key = sample.get("__key__", "?")
-        data = sample.get(self.extension)
-        if data is None:
-            found = ", ".join(k for k in sample if not k.startswith("__"))
-            raise ValueError(
-                f"sample {key!r} of {sample.get('__url__', 'the shards')} has no .{self.extension} member "
-                f"(it has: {found}); set label_key to 'cls' or 'json:FIELD'"
-            )
-        try:
-            value = data.decode("utf-8") if isinstance(data, bytes) else data
-            if self.field is not None:
-                value = json.loads(value)
-                for name in self.field.split("."):
-                    value = value[name]
-            return int(value)
-        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-            raise ValueError(
-                f"sample {key!r}: cannot read an integer class index with label_key={self.text!r} ({e!r})"
-            ) from None
-
-
 def multi_hot(sample: dict) -> torch.Tensor:
     """The multi-hot label vector of a clip_benchmark multi-label sample (its ``.npy`` member)."""
     data = sample.get("npy")
@@ -139,7 +101,7 @@ class LabelledShards(IterableDataset):
     Args:
         spec: Shard spec, as in training (``"val-{000..009}.tar"``, a directory, ``::``-joined sources).
         transform: PIL image -> tensor.
-        label_key: Where the class index is (see ``LabelKey``), or a function from a raw sample to
+        label_key: Where the class index is (see ``SampleKey``), or a function from a raw sample to
             its target (``multi_hot``, ``caption_lines``).
         image_keys: Image member extensions, tried in order.
         rank: This process's share of the samples (with ``world_size``).
@@ -158,7 +120,7 @@ class LabelledShards(IterableDataset):
         super().__init__()
         self.urls = [u for source in parse_shard_spec(spec) for u in source.urls]
         self.transform = transform
-        self.target = LabelKey(label_key).get if isinstance(label_key, str) else label_key
+        self.target = SampleKey.parse(label_key, "label_key").label if isinstance(label_key, str) else label_key
         self.image_keys = tuple(image_keys)
         self.rank, self.world_size = rank, world_size
 

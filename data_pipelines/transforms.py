@@ -1,9 +1,9 @@
 """Image -> the tensor ``[3, S, S]`` an image tower expects.
 
 Training, validation, evaluation and inference all build their transform here from the tower's
-``preprocess_config`` (size, mean, std, interpolation), so the four can never disagree. The geometry
-(crop, resize) runs on uint8 tensors, whose antialiased resize is several times faster than PIL's
-and matches it within 2 of 255 levels.
+``preprocess_config`` (size, mean, std, interpolation), so the four can never disagree. Training's
+geometry (crop, resize) runs on uint8 tensors, whose antialiased resize is several times faster than
+PIL's and matches it within 2 of 255 levels; evaluation resizes a PIL image with PIL, as OpenCLIP does.
 
 Training batches stay uint8 until they are on the accelerator: ``image_transform(...,
 normalize=False)`` in the DataLoader workers, ``NormalizeImages`` on the device (``CLIPModule`` does
@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Callable
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -23,7 +24,15 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms.v2 import functional as F
 
-from clip_pl.model import PreprocessConfig
+
+class PreprocessConfig(NamedTuple):
+    """How images must be prepared for the image tower."""
+
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str
+
 
 ImageTransform = Callable[[Image.Image | torch.Tensor], torch.Tensor]
 

@@ -10,9 +10,9 @@ from test_train import compose_train, demo_overrides  # noqa: F401  (demo_overri
 import train
 from clip_pl.api import load_model, read_state_dict
 from clip_pl.export import export_checkpoint
-from clip_pl.init import init_from_pretrained
 from clip_pl.model import DEFAULT_LOGIT_SCALE
-from clip_pl.tokenizer import Tokenizer, train_sentencepiece
+from clip_pl.pretrained import init_from_pretrained
+from data_pipelines.tokenizer import Tokenizer, train_sentencepiece
 
 RUSSIAN_CAPTIONS = [
     f"{colour} {shape} {place}"

@@ -2,8 +2,8 @@
 
 Usage::
 
-    python -m data_pipelines.inspect '/data/{00000..00099}.tar' --caption-key json:caption
-    python -m data_pipelines.inspect /data/shards/ --write-sizes   # count every shard, write sizes.json
+    python -m data_pipelines.inspect_shards '/data/{00000..00099}.tar' --caption-key json:caption
+    python -m data_pipelines.inspect_shards /data/shards/ --write-sizes   # count every shard, write sizes.json
 
 The first ``--max-samples`` samples are checked the way training reads them (image decoded,
 caption extracted); ``--write-sizes`` additionally counts every sample of every local shard and
@@ -22,12 +22,12 @@ from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
-from clip_pl.errors import USER_ERRORS, report_user_error
+from data_pipelines.errors import USER_ERRORS, report_user_error
 from data_pipelines.samples import (
     DEFAULT_MAX_IMAGE_PIXELS,
     IMAGE_EXTENSIONS,
     SKIP_KINDS,
-    CaptionKey,
+    SampleKey,
     SkipSample,
     decode_image,
     image_bytes,
@@ -87,7 +87,7 @@ def inspect_shards(
         count_all: Read every shard to the end to count its samples.
         progress: Show a progress bar.
     """
-    key = CaptionKey.parse(caption_key)
+    key = SampleKey.parse(caption_key)
     sources = parse_shard_spec(spec)
     urls = [u for s in sources for u in s.urls]
     sizes = shard_sizes(urls)
@@ -115,10 +115,10 @@ def inspect_shards(
     return report
 
 
-def _check(sample: dict, key: CaptionKey, image_keys: Sequence[str], report: ShardReport, num_examples: int) -> None:
+def _check(sample: dict, key: SampleKey, image_keys: Sequence[str], report: ShardReport, num_examples: int) -> None:
     report.checked += 1
     report.extensions.update(k for k in sample if not k.startswith("__"))
-    caption = key.get(sample)
+    caption = key.caption(sample)
     if caption is not None and len(report.examples) < num_examples:
         report.examples.append(caption)
     data = image_bytes(sample, image_keys)
@@ -177,7 +177,7 @@ def format_report(report: ShardReport, caption_key: str) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m data_pipelines.inspect",
+        prog="python -m data_pipelines.inspect_shards",
         description="Summarize WebDataset shards: counts, extensions, example captions, broken samples.",
     )
     parser.add_argument("spec", help="shard spec: path, brace pattern, directory, URL; sources joined by ::")
