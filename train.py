@@ -19,21 +19,14 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from omegaconf import DictConfig, OmegaConf
 
-from clip_pl.callbacks import (
-    AtomicCheckpointIO,
-    LastCheckpointSchedule,
-    SaveOnInterrupt,
-    SkippedSamplesMonitor,
-    StopOnSigterm,
-    interrupted_by,
-)
+from clip_pl.callbacks import AtomicCheckpointIO, SaveOnInterrupt, StopOnSigterm, interrupted_by
 from clip_pl.checkpoint import checkpoint_step, shape_differences
 from clip_pl.openclip_models import openclip_model_config
 from clip_pl.pretrained import init_from_pretrained
@@ -86,7 +79,7 @@ RESUME_MAY_CHANGE = (
     "trainer.log_every_n_steps", "trainer.enable_progress_bar", "trainer.enable_model_summary",
     "trainer.val_check_interval", "trainer.check_val_every_n_epoch", "trainer.limit_val_batches",
     "trainer.num_sanity_val_steps",
-    "checkpoint", "logger", "speed_monitor", "pictures", "zero_shot", "suite",
+    "checkpoint", "logger", "callbacks", "zero_shot", "suite",
     "data.num_workers", "data.val_shards", "data.val_samples", "module.compile",
 )
 
@@ -151,29 +144,14 @@ def build(cfg: DictConfig, run_dir: str) -> tuple[L.LightningModule, L.Lightning
     )
     loggers = [instantiate(c, save_dir=run_dir) for c in (cfg.logger or {}).values()]
     on_slurm = is_slurm_task()
-    callbacks = [
-        ModelCheckpoint(
-            dirpath=os.path.join(run_dir, "checkpoints"),
-            save_last=True,
-            save_top_k=0,
-            every_n_train_steps=cfg.checkpoint.every_n_steps,
-            # last.ckpt is always the newest, also when another writer (RequeueOnSignal) saved it
-            # last; with the counter, a resumed run would write last-v1.ckpt and resume stale.
-            enable_version_counter=False,
-        ),
-        # Also by wall time, and the end whatever the step interval; listed after ModelCheckpoint, so
-        # that a step it saved is not saved again.
-        LastCheckpointSchedule(last, cfg.checkpoint.every_n_minutes),
-        instantiate(cfg.speed_monitor),
-        SkippedSamplesMonitor(),
-        # Under SLURM, RequeueOnSignal (below) saves on SLURM's warning signal and SIGTERM only stops
-        # the ranks together; elsewhere SIGTERM and Ctrl-C save last.ckpt first.
-        StopOnSigterm() if on_slurm else SaveOnInterrupt(last),
-    ]
-    if cfg.pictures is not None:
-        callbacks.append(instantiate(cfg.pictures))
-    if loggers:
-        callbacks.append(LearningRateMonitor(logging_interval="step"))
+    # conf/callbacks: the user's choice; then what depends on where the run is.
+    callbacks = [instantiate(c) for c in (cfg.callbacks or {}).values() if c is not None]
+    if not loggers:
+        # Lightning refuses a LearningRateMonitor in a run without a logger.
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
+    # Under SLURM, RequeueOnSignal (below) saves on SLURM's warning signal and SIGTERM only stops
+    # the ranks together; elsewhere SIGTERM and Ctrl-C save last.ckpt first.
+    callbacks.append(StopOnSigterm() if on_slurm else SaveOnInterrupt(last))
     if cfg.trainer.get("enable_progress_bar") is not False:
         callbacks.append(ProgressBar())  # Lightning's bar, also right on a resumed run
     trainer_cfg = cfg.trainer
@@ -302,7 +280,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         # trainer.validate replaces the callback metrics with its own: the training ones are kept above.
         trainer.validate(module, datamodule=datamodule, verbose=False)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1})
-    final = {k: v for k, v in metrics.items() if k.startswith(("val/", "zeroshot/"))}
+    final = {k: v for k, v in metrics.items() if k.startswith(("val/", "zero_shot/"))}
     if trainer.is_global_zero and final and module.validated_step == trainer.global_step:
         write_final_metrics(run_dir, trainer.global_step, final)
         log.info("%s", format_metrics(trainer.global_step, final))

@@ -56,7 +56,7 @@ shards() {
 train_vit_b16() {  # train_vit_b16 RUN_DIR [overrides...]
     local run_dir=$1
     shift
-    python3 train.py model=vit_b16 data=webdataset trainer=gpu trainer.devices=1 logger=csv pictures=null \
+    python3 train.py model=vit_b16 data=webdataset trainer=gpu trainer.devices=1 logger=csv callbacks.pictures=null \
         "data.train_shards='.cache/bench_shards/shards/{00000..00007}.tar'" tokenizer.path=.cache/bench_shards/tok.model \
         data.batch_size=256 data.num_workers=14 data.samples_per_epoch=10000000 optim.warmup_steps=10 \
         trainer.max_steps=300 trainer.log_every_n_steps=10 checkpoint.every_n_steps=100000 \

@@ -107,8 +107,8 @@ TASKS = (
 )
 # Table column -> clip_pl's logged metric name (OpenCLIP's are computed under the same names).
 METRICS = {
-    "digit top-1": "zeroshot/digit/top1",
-    "colour top-1": "zeroshot/colour/top1",
+    "digit top-1": "zero_shot/digit/top1",
+    "colour top-1": "zero_shot/colour/top1",
     "image→text R@1": "val/image_to_text_R@1",
     "image→text R@5": "val/image_to_text_R@5",
     "text→image R@1": "val/text_to_image_R@1",
@@ -273,7 +273,7 @@ def run_clip_pl(args: argparse.Namespace, data: dict[str, str], seed: int) -> di
         "seed": seed,
         "run_dir": _hydra_value(run_dir),
         "logger": "csv",
-        "pictures": "null",
+        "callbacks.pictures": "null",
         "zero_shot": _hydra_value(tasks),
     }
     command = [sys.executable, "train.py", *(f"{k}={v}" for k, v in overrides.items()), *args.clip_pl_override]
@@ -386,7 +386,7 @@ def evaluate_openclip(openclip_model: nn.Module, data: dict[str, str], batch_siz
     metrics = {}
     for task in zero_shot_tasks(data["val"]):
         results = ZeroShotTask(**task).evaluate(model, tokenizer)
-        metrics.update({f"zeroshot/{task['name']}/{k}": v for k, v in results.items()})
+        metrics.update({f"zero_shot/{task['name']}/{k}": v for k, v in results.items()})
     # clip_pl's validation pipeline (same order, same resize and crop), then OpenCLIP's mean and std.
     # Only its val loader is used; of the train shards it asks for, only the first sample is read (a check).
     pc = model.preprocess_config

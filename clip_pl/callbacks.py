@@ -14,7 +14,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-from lightning.pytorch.callbacks import Checkpoint
+from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
 from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning_utilities.core.apply_func import apply_to_collection
@@ -77,7 +77,7 @@ class TrainingSpeedMonitor(L.Callback):
             if self._peak_flops is None and device.type == "cuda":
                 log.info(
                     "train/mfu is not logged: the peak of %s at precision %s is not known; set its dense "
-                    "peak with speed_monitor.peak_tflops",
+                    "peak with callbacks.speed_monitor.peak_tflops",
                     torch.cuda.get_device_name(device),
                     trainer.precision,
                 )
@@ -334,6 +334,30 @@ def interrupted_by(trainer: L.Trainer) -> signal.Signals | None:
     return next((c.interrupted_by for c in trainer.callbacks if isinstance(c, SaveOnInterrupt)), None)
 
 
+def run_checkpoint_path(trainer: L.Trainer) -> str:
+    """The run's one checkpoint, ``<run dir>/checkpoints/last.ckpt`` (``train.py`` makes the run dir the trainer's root)."""
+    return os.path.join(trainer.default_root_dir, "checkpoints", "last.ckpt")
+
+
+class RunCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` keeping one file, the run's ``last.ckpt``, rewritten every ``every_n_train_steps``.
+
+    The folder is the run directory's ``checkpoints/`` (Lightning's default would be the first
+    logger's version folder). No version counter: ``last.ckpt`` is always the newest, also when
+    another writer (``LastCheckpointSchedule``, ``RequeueOnSignal``) saved it last; with the counter, a
+    resumed run would write ``last-v1.ckpt`` and resume stale.
+    """
+
+    def __init__(self, every_n_train_steps: int | None = None) -> None:
+        super().__init__(
+            save_last=True, save_top_k=0, every_n_train_steps=every_n_train_steps, enable_version_counter=False
+        )
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.dirpath = os.path.dirname(run_checkpoint_path(trainer))
+        super().setup(trainer, pl_module, stage)
+
+
 class LastCheckpointSchedule(Checkpoint):
     """Saves ``checkpoint_path`` every ``every_n_minutes`` and at the end of training, besides ModelCheckpoint.
 
@@ -353,14 +377,14 @@ class LastCheckpointSchedule(Checkpoint):
 
     Args:
         checkpoint_path: The file to write: ModelCheckpoint's ``last.ckpt``, so that it stays the
-            single newest checkpoint.
+            single newest checkpoint; None: the run's (``run_checkpoint_path``).
         every_n_minutes: Minutes of training between saves; None: no saves by time.
 
     Raises:
         ValueError: ``every_n_minutes`` is negative.
     """
 
-    def __init__(self, checkpoint_path: str, every_n_minutes: float | None = None) -> None:
+    def __init__(self, checkpoint_path: str | None = None, every_n_minutes: float | None = None) -> None:
         if every_n_minutes is not None and every_n_minutes < 0:
             raise ValueError(
                 f"checkpoint.every_n_minutes={every_n_minutes}: give a number of minutes >= 0, or null to save by "
@@ -372,6 +396,9 @@ class LastCheckpointSchedule(Checkpoint):
         self._saved_step = -1
         self._last_step = -1
         self._vote = DeferredSum()
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.checkpoint_path = self.checkpoint_path or run_checkpoint_path(trainer)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # A resumed run starts from a checkpoint of this step; a new one has nothing to save yet.

@@ -4,12 +4,12 @@ Usage::
 
     python -m clip_pl.evaluate --checkpoint last.ckpt --suite datacomp --suite-root /data/eval
 
-    python -m clip_pl.evaluate --checkpoint model.safetensors --zeroshot-folder imagenet/val \\
+    python -m clip_pl.evaluate --checkpoint model.safetensors --zero-shot-folder imagenet/val \\
         --classnames imagenet_classes.txt --templates prompts.txt
-    python -m clip_pl.evaluate --checkpoint last.ckpt --zeroshot-shards "val-{000..009}.tar" \\
+    python -m clip_pl.evaluate --checkpoint last.ckpt --zero-shot-shards "val-{000..009}.tar" \\
         --classnames classes.txt --label-key json:label
     python -m clip_pl.evaluate --checkpoint last.ckpt --retrieval-shards "coco-val-{000..004}.tar" --json
-    python -m clip_pl.evaluate --checkpoint ViT-B-32.pt --zeroshot-folder imagenet/val   # OpenAI's file
+    python -m clip_pl.evaluate --checkpoint ViT-B-32.pt --zero-shot-folder imagenet/val   # OpenAI's file
 
 A suite (``clip_pl.suite``) runs a list of datasets in clip_benchmark's WebDataset layout, prints a
 table and writes every number, and the suite's average, to a JSON file. Otherwise zero-shot data
@@ -118,8 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     zero_shot = parser.add_argument_group("zero-shot classification")
     data = zero_shot.add_mutually_exclusive_group()
-    data.add_argument("--zeroshot-folder", help="folder with one sub-folder of images per class")
-    data.add_argument("--zeroshot-shards", help="WebDataset shards with an image and a class index per sample")
+    data.add_argument("--zero-shot-folder", help="folder with one sub-folder of images per class")
+    data.add_argument("--zero-shot-shards", help="WebDataset shards with an image and a class index per sample")
     zero_shot.add_argument("--classnames", help="file with one class name per line, in label order")
     zero_shot.add_argument("--templates", help="file with one prompt template per line ({} is the class name)")
     zero_shot.add_argument("--label-key", default="cls", help="shards: 'cls' or 'json:FIELD' (default cls)")
@@ -133,24 +133,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", action="store_true", help="print the results as JSON (fractions, not percent)")
     args = parser.parse_args(argv)
-    if args.zeroshot_folder and not os.path.isdir(args.zeroshot_folder):
-        parser.error(f"--zeroshot-folder {args.zeroshot_folder!r} is not a folder (for shards: --zeroshot-shards)")
-    zero_shot_data = args.zeroshot_folder or args.zeroshot_shards
+    if args.zero_shot_folder and not os.path.isdir(args.zero_shot_folder):
+        parser.error(f"--zero-shot-folder {args.zero_shot_folder!r} is not a folder (for shards: --zero-shot-shards)")
+    zero_shot_data = args.zero_shot_folder or args.zero_shot_shards
     if args.suite:
         if zero_shot_data or args.retrieval_shards:
-            parser.error("--suite runs alone; evaluate --zeroshot-*/--retrieval-shards in another command")
+            parser.error("--suite runs alone; evaluate --zero-shot-*/--retrieval-shards in another command")
         try:
             return run_suite(args)
         except USER_ERRORS as e:
             return report_user_error(e)
     if not zero_shot_data and not args.retrieval_shards:
-        parser.error("nothing to evaluate: give --suite, --zeroshot-folder, --zeroshot-shards and/or --retrieval-shards")
+        parser.error("nothing to evaluate: give --suite, --zero-shot-folder, --zero-shot-shards and/or --retrieval-shards")
 
     results: dict[str, dict[str, float]] = {}
     try:
         model, preprocess, tokenizer = load(args.checkpoint, device=args.device, openclip_model=args.openclip_model)
         if zero_shot_data:
-            name = args.name or os.path.basename(os.path.normpath(zero_shot_data)).split("{")[0] or "zeroshot"
+            name = args.name or os.path.basename(os.path.normpath(zero_shot_data)).split("{")[0] or "zero_shot"
             task = ZeroShotTask(
                 name=name,
                 data=zero_shot_data,
@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
                 batch_size=args.batch_size,
                 num_workers=args.num_workers,
             )
-            results[f"zeroshot/{name}"] = task.evaluate(model, tokenizer, device=args.device)
+            results[f"zero_shot/{name}"] = task.evaluate(model, tokenizer, device=args.device)
         if args.retrieval_shards:
             results["retrieval"] = evaluate_retrieval(
                 model,

@@ -235,7 +235,7 @@ class CLIPModule(L.LightningModule):
         for task in self.zero_shot_tasks:
             # Each rank embeds its share of the prompts and images; every rank gets the totals.
             results = task.evaluate(self.model, self.tokenizer, device=self.device, distributed=True)
-            metrics.update({f"zeroshot/{task.name}/{k}": v for k, v in results.items()})
+            metrics.update({f"zero_shot/{task.name}/{k}": v for k, v in results.items()})
         # Every rank holds the same whole-set values, logged on all ranks so that every rank's
         # callbacks see them; syncing by max (of equal numbers) keeps them exact and tells
         # Lightning they need no averaging.

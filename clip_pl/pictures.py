@@ -38,8 +38,8 @@ class ValidationPictures(L.Callback):
     def __init__(self, num_samples: int = 8, every_n_validations: int = 1, top_k: int = 3):
         if num_samples < 1 or every_n_validations < 1 or top_k < 1:
             raise ValueError(
-                "pictures.num_samples, pictures.every_n_validations and pictures.top_k must be at least 1, got "
-                f"{num_samples}, {every_n_validations} and {top_k}"
+                "callbacks.pictures.num_samples, callbacks.pictures.every_n_validations and "
+                f"callbacks.pictures.top_k must be at least 1, got {num_samples}, {every_n_validations} and {top_k}"
             )
         self.num_samples = num_samples
         self.every_n_validations = every_n_validations

@@ -231,7 +231,7 @@ class Suite:
 
     Also a zero-shot task of the trainer's validation (``suite.file`` in the training config):
     ``evaluate`` splits every dataset's images and prompts across the ranks and returns the flat
-    results, logged as ``zeroshot/SUITE/DATASET/METRIC`` and ``zeroshot/SUITE/average``.
+    results, logged as ``zero_shot/SUITE/DATASET/METRIC`` and ``zero_shot/SUITE/average``.
 
     Args:
         name: The suite's name in results and logs.

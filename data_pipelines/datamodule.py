@@ -39,7 +39,7 @@ from data_pipelines.pipeline import (
     select_val_shards,
 )
 from data_pipelines.ranks import rank_and_world_size
-from data_pipelines.samples import DEFAULT_MAX_IMAGE_PIXELS, IMAGE_EXTENSIONS, SampleKey, check_layout
+from data_pipelines.samples import DEFAULT_MAX_IMAGE_PIXELS, IMAGE_KEYS, SampleKey, check_layout
 from data_pipelines.shards import local_path
 from data_pipelines.tokenizer import Tokenizer
 from data_pipelines.transforms import PreprocessConfig
@@ -136,7 +136,7 @@ class ShardDataModule(LightningDataModule):
         crop_scale: tuple[float, float] = (0.9, 1.0),
         horizontal_flip: bool = False,
         draft_decode: bool = True,
-        image_keys: Sequence[str] = IMAGE_EXTENSIONS,
+        image_keys: Sequence[str] = IMAGE_KEYS,
         max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
         val_batch_size: int | None = None,
         pin_memory: bool | None = None,

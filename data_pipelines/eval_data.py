@@ -38,7 +38,7 @@ from PIL import Image
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 from torchvision.datasets import ImageFolder
 
-from data_pipelines.samples import IMAGE_EXTENSIONS, SampleKey, decode_image, image_bytes, read_samples
+from data_pipelines.samples import IMAGE_KEYS, SampleKey, decode_image, image_bytes, read_samples
 from data_pipelines.shards import parse_shard_spec
 from data_pipelines.transforms import ImageTransform
 
@@ -113,7 +113,7 @@ class LabelledShards(IterableDataset):
         spec: str | Sequence[str],
         transform: ImageTransform,
         label_key: str | Callable[[dict], Any] = "cls",
-        image_keys: Sequence[str] = IMAGE_EXTENSIONS,
+        image_keys: Sequence[str] = IMAGE_KEYS,
         rank: int = 0,
         world_size: int = 1,
     ):

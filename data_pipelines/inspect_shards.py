@@ -25,7 +25,7 @@ from tqdm import tqdm
 from data_pipelines.errors import USER_ERRORS, report_user_error
 from data_pipelines.samples import (
     DEFAULT_MAX_IMAGE_PIXELS,
-    IMAGE_EXTENSIONS,
+    IMAGE_KEYS,
     SKIP_KINDS,
     SampleKey,
     SkipSample,
@@ -72,7 +72,7 @@ def inspect_shards(
     caption_key: str = "txt",
     max_samples: int = 10_000,
     num_examples: int = 5,
-    image_keys: Sequence[str] = IMAGE_EXTENSIONS,
+    image_keys: Sequence[str] = IMAGE_KEYS,
     count_all: bool = False,
     progress: bool = False,
 ) -> ShardReport:
@@ -184,7 +184,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--caption-key", default="txt", help="'txt' or 'json:FIELD' (default: txt)")
     parser.add_argument("--max-samples", type=int, default=10_000, help="samples to decode and check")
     parser.add_argument("--examples", type=int, default=5, help="example captions to print")
-    parser.add_argument("--image-keys", default=",".join(IMAGE_EXTENSIONS), help="image extensions, in order")
+    parser.add_argument("--image-keys", default=",".join(IMAGE_KEYS), help="image extensions, in order")
     parser.add_argument("--write-sizes", action="store_true", help="count every shard and write sizes.json")
     args = parser.parse_args(argv)
     try:

@@ -37,10 +37,10 @@ from PIL import Image
 from tqdm import tqdm
 
 from data_pipelines.errors import USER_ERRORS, report_user_error
-from data_pipelines.samples import IMAGE_EXTENSIONS, SkipSample, decode_image
+from data_pipelines.samples import IMAGE_KEYS, SkipSample, decode_image
 
-# Formats accepted as input; anything but IMAGE_EXTENSIONS is re-encoded as JPEG.
-INPUT_EXTENSIONS = (*IMAGE_EXTENSIONS, "bmp", "gif", "tif", "tiff")
+# Formats accepted as input; anything but IMAGE_KEYS is re-encoded as JPEG.
+INPUT_EXTENSIONS = (*IMAGE_KEYS, "bmp", "gif", "tif", "tiff")
 
 
 @dataclass(frozen=True)
@@ -170,7 +170,7 @@ def _encode(pair: Pair, options: _Options) -> tuple[str, bytes, dict]:
     resize = options.max_size is not None and max(image.size) > options.max_size
     if resize:
         image.thumbnail((options.max_size, options.max_size), Image.Resampling.BICUBIC)
-    if resize or options.reencode or ext not in IMAGE_EXTENSIONS:
+    if resize or options.reencode or ext not in IMAGE_KEYS:
         ext = "jpg"
         buf = io.BytesIO()
         image.save(buf, format="JPEG", quality=options.quality)

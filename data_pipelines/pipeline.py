@@ -45,7 +45,7 @@ from data_pipelines.counters import SkipCounters
 from data_pipelines.ranks import rank_and_world_size
 from data_pipelines.samples import (
     DEFAULT_MAX_IMAGE_PIXELS,
-    IMAGE_EXTENSIONS,
+    IMAGE_KEYS,
     SampleKey,
     SkipSample,
     check_layout,
@@ -170,7 +170,7 @@ class SampleDecoder:
 
     caption_key: SampleKey
     transform: ImageTransform
-    image_keys: tuple[str, ...] = IMAGE_EXTENSIONS
+    image_keys: tuple[str, ...] = IMAGE_KEYS
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     # JPEG draft decoding down to about this side (see ``decode_image``); None decodes at full size.
     min_size: int | None = None
@@ -523,7 +523,7 @@ def select_val_shards(spec: str | Sequence[str], val_samples: int | None = None)
 def make_decoder(
     caption_key: str | SampleKey,
     transform: ImageTransform,
-    image_keys: Sequence[str] = IMAGE_EXTENSIONS,
+    image_keys: Sequence[str] = IMAGE_KEYS,
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
     min_size: int | None = None,
 ) -> SampleDecoder:

@@ -35,7 +35,8 @@ except ImportError:  # pragma: no cover - torchvision builds without image ops
 from data_pipelines.tar_reader import iter_tar
 from data_pipelines.transforms import to_rgb, to_uint8_tensor
 
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+# The members tried for a sample's image, in order (data.image_keys).
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 
 # PIL's own default limit (about 89.5 megapixels); larger images are treated as decompression bombs.
 DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
@@ -125,7 +126,7 @@ class SampleKey:
             raise ValueError(f"sample {key!r}: cannot read an integer class index with label_key={str(self)!r} ({e!r})") from None
 
 
-def image_bytes(sample: dict, image_keys: Sequence[str] = IMAGE_EXTENSIONS) -> bytes | None:
+def image_bytes(sample: dict, image_keys: Sequence[str] = IMAGE_KEYS) -> bytes | None:
     """The encoded image of a raw sample (first of ``image_keys`` present), or None."""
     for key in image_keys:
         if key in sample:
@@ -296,7 +297,7 @@ def read_samples(
 def check_layout(
     urls: Sequence[str],
     caption_key: SampleKey,
-    image_keys: Sequence[str] = IMAGE_EXTENSIONS,
+    image_keys: Sequence[str] = IMAGE_KEYS,
     max_samples: int = 1000,
     source_name: str = "",
 ) -> None:

@@ -2,10 +2,10 @@
 
 It takes the speed monitor's place in ``python train.py`` (tests/ on ``PYTHONPATH``)::
 
-    speed_monitor._target_=signal_probe.SignalAtSteps +speed_monitor.signal_name=SIGTERM "+speed_monitor.at_steps=[3]"
+    callbacks.speed_monitor._target_=signal_probe.SignalAtSteps +callbacks.speed_monitor.signal_name=SIGTERM "+callbacks.speed_monitor.at_steps=[3]"
 
 sends SIGTERM to rank 0's process when it starts the batch after step 3 (the 4th optimizer step);
-``+speed_monitor.rank=1`` signals rank 1's process instead, ``+speed_monitor.group=true`` the whole
+``+callbacks.speed_monitor.rank=1`` signals rank 1's process instead, ``+callbacks.speed_monitor.group=true`` the whole
 process group, DataLoader workers included, as a terminal's Ctrl-C or ``kill -- -PGID`` does.
 """
 

@@ -82,7 +82,7 @@ def test_gpu_trainer_wraps_in_ddp_only_several_devices(devices, strategy):
 @pytest.mark.parametrize("argv", [
     [],
     ["-m", "optim.lr=1e-4,3e-4", "loss=clip,siglip", "seed=range(0,3)"],
-    ["+new=1", "++optim.lr=1", "++run_name=x", "~pictures"],
+    ["+new=1", "++optim.lr=1", "++run_name=x", "~callbacks.pictures"],
     ["-m", "hydra/launcher=slurm", "hydra.launcher.partition=gpu", "hydra.job.chdir=true"],
     ["--cfg", "job", "model=vit_b16"],
     ["--help", "optim.lrr=1"],  # left to Hydra

@@ -4,16 +4,13 @@ import json
 import os
 
 import torch
+from gloo import gloo_group
 
 from clip_pl.distributed import DeferredSum, free_port
 
 
 def _rank_main(rank, world_size, port, out_dir):
-    import torch.distributed as dist
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    try:
+    with gloo_group(rank, world_size, port):
         votes, seen = DeferredSum(), []
         seen.append(votes.read())  # nothing started yet
         votes.start(rank + 1, torch.device("cpu"))
@@ -24,8 +21,6 @@ def _rank_main(rank, world_size, port, out_dir):
         seen.append(votes.read())
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump(seen, f)
-    finally:
-        dist.destroy_process_group()
 
 
 def test_deferred_sum_is_the_same_sum_on_every_rank(tmp_path):

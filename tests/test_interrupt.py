@@ -82,9 +82,9 @@ def run_train(args: list[str], timeout: int = 300) -> subprocess.CompletedProces
 
 def signal_at(name: str, steps: list[int], **options: object) -> list[str]:
     """Overrides that make ``signal_probe.SignalAtSteps`` send ``name`` when the batch after each step starts."""
-    extra = [f"+speed_monitor.{key}={str(value).lower()}" for key, value in options.items()]
-    return ["speed_monitor._target_=signal_probe.SignalAtSteps", f"+speed_monitor.signal_name={name}",
-            f"+speed_monitor.at_steps=[{','.join(map(str, steps))}]", *extra]
+    extra = [f"+callbacks.speed_monitor.{key}={str(value).lower()}" for key, value in options.items()]
+    return ["callbacks.speed_monitor._target_=signal_probe.SignalAtSteps", f"+callbacks.speed_monitor.signal_name={name}",
+            f"+callbacks.speed_monitor.at_steps=[{','.join(map(str, steps))}]", *extra]
 
 
 @pytest.fixture

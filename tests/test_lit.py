@@ -26,7 +26,7 @@ class _Modes(L.Callback):
 def _train(overrides, run_dir, watch):
     """Trains 4 steps with a validation after step 2; returns the changed state keys, all keys, and the modes."""
     cfg = compose_train([*overrides, "trainer.max_steps=4", "optim.warmup_steps=1", "+trainer.val_check_interval=2",
-                         "+trainer.limit_val_batches=1", "zero_shot=[]", "pictures=null"])
+                         "+trainer.limit_val_batches=1", "zero_shot=[]", "callbacks.pictures=null"])
     module, datamodule, trainer = train.build(cfg, str(run_dir))
     before = {k: v.clone() for k, v in module.model.state_dict().items()}
     modes = _Modes(watch)

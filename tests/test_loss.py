@@ -5,7 +5,9 @@ import os
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from gloo import gloo_group
 
 from clip_pl.distributed import free_port
 from clip_pl.loss import ClipLoss, SigLipLoss
@@ -102,13 +104,9 @@ PIECES = (None, 1)
 
 
 def _rank_main(rank, world_size, port, out_dir):
-    import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    try:
+    with gloo_group(rank, world_size, port):
         for loss_name in LOSSES:
             for piece in PIECES:
                 model, images, tokens = _build(loss_name)
@@ -121,9 +119,6 @@ def _rank_main(rank, world_size, port, out_dir):
                     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
                     out = os.path.join(out_dir, f"{loss_name}-{piece}.pt")
                     torch.save({"loss": loss / world_size, "grads": grads}, out)
-    finally:
-        dist.destroy_process_group()
-
 
 
 @pytest.mark.parametrize("world_size", [2, 4])

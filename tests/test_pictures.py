@@ -57,14 +57,14 @@ def test_first_pairs_of_first_validation_are_kept_and_logged(tiny_tokenizer, rea
 
 
 def test_arguments_are_checked():
-    with pytest.raises(ValueError, match="pictures.num_samples"):
+    with pytest.raises(ValueError, match="callbacks.pictures.num_samples"):
         ValidationPictures(num_samples=0)
 
 
 def test_demo_run_draws_the_same_pairs_at_chosen_validations(demo_overrides, tmp_path):  # noqa: F811
     cfg = compose_train([*demo_overrides, f"run_dir={tmp_path}", "logger=tensorboard", "trainer.max_steps=6",
                          "optim.warmup_steps=1", "+trainer.val_check_interval=2", "+trainer.limit_val_batches=1",
-                         "zero_shot=[]", "pictures.every_n_validations=2"])
+                         "zero_shot=[]", "callbacks.pictures.every_n_validations=2"])
     train.train(cfg)
     # Validations at steps 2, 4 and 6; drawn at the first and every second after it.
     assert sorted(p.name for p in (tmp_path / "pictures").iterdir()) == [

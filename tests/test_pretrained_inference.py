@@ -128,10 +128,10 @@ def test_evaluate_cli_reads_the_same_model_from_a_folder_and_from_weights_and_js
     for kind in ("folder", "safetensors+json"):
         path, openclip_model, _ = sources[kind]
         extra = ["--openclip-model", openclip_model] if openclip_model else []
-        assert evaluate.main(["--checkpoint", str(path), *extra, "--zeroshot-folder", str(data), "--json",
+        assert evaluate.main(["--checkpoint", str(path), *extra, "--zero-shot-folder", str(data), "--json",
                               "--device", "cpu"]) == 0
         results.append(json.loads(capsys.readouterr().out))
-    assert results[0] == results[1] and 0 <= results[0]["zeroshot/zeroshot"]["top1"] <= 1
+    assert results[0] == results[1] and 0 <= results[0]["zero_shot/zeroshot"]["top1"] <= 1
 
 
 def test_the_format_is_read_from_the_content(sources, tmp_path, capsys):

@@ -1,14 +1,13 @@
 """Suites of clip_benchmark datasets: the command, its one-line errors, ranks, and validation during training."""
 
-import datetime
 import json
-import os
 import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 from benchmark_sets import write_classification, write_multilabel, write_retrieval
+from gloo import gloo_group
 from test_train import compose_train, demo_overrides  # noqa: F401 (a fixture)
 from tiny_clip import CONTEXT_LENGTH, make_model, make_tokenizer, write_checkpoint
 
@@ -129,19 +128,11 @@ def test_an_unknown_suite_name_lists_the_shipped_ones(model_files, capsys):
 
 
 def _suite_rank(rank, world_size, port, directory):
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    # A short timeout: a rank left waiting in a collective fails the test instead of hanging it.
-    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=60))
     directory = Path(directory)
-    try:
+    with gloo_group(rank, world_size, port):
         tokenizer = Tokenizer.from_file(directory / "tok.model", context_length=CONTEXT_LENGTH)
         suite = Suite("s", suite_entries(), root=directory / "data", batch_size=3)
         torch.save(suite.evaluate(make_model(tokenizer), tokenizer, distributed=True), directory / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 # 3 ranks: the 2-shard sets are read sample by sample, and the 17-sample multi-label set splits unevenly.
@@ -165,7 +156,7 @@ def test_training_validates_the_suite_of_its_config(demo_overrides, tmp_path):  
     metrics = train.train(cfg)
     model, _, tokenizer = load(str(tmp_path / "run" / "checkpoints" / "last.ckpt"))
     expected = Suite("suite", suite_entries(), root=tmp_path / "data").run(model, tokenizer)
-    logged = {k.removeprefix("zeroshot/suite/"): v for k, v in metrics.items() if k.startswith("zeroshot/suite/")}
+    logged = {k.removeprefix("zero_shot/suite/"): v for k, v in metrics.items() if k.startswith("zero_shot/suite/")}
     assert logged.keys() == expected.flat().keys()
     assert logged == pytest.approx(expected.flat(), abs=1e-5)
 

@@ -50,7 +50,7 @@ def run_cli(args, timeout=300, env=None):
 
 @pytest.mark.parametrize("loss", ["clip", "siglip"])
 def test_few_steps_each_loss(loss, demo_overrides, tmp_path):
-    overrides = ["trainer.max_steps=4", "trainer.log_every_n_steps=2", "speed_monitor.peak_tflops=0.25"]
+    overrides = ["trainer.max_steps=4", "trainer.log_every_n_steps=2", "callbacks.speed_monitor.peak_tflops=0.25"]
     cfg = compose_train([*demo_overrides, f"loss={loss}", f"run_dir={tmp_path}", *overrides])
     metrics = train.train(cfg)
     assert torch.isfinite(torch.tensor(metrics["train/loss"]))
@@ -198,7 +198,7 @@ def test_ddp_two_cpu_processes_through_entry_point(demo_overrides, tmp_path, tow
     assert "distributed_backend=gloo" in output and "All distributed processes registered" in output
     checkpoint = read_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
     assert checkpoint["global_step"] == 3
-    assert "val/image_to_text_R@1" in output and "zeroshot/demo_shape/top1" in output
+    assert "val/image_to_text_R@1" in output and "zero_shot/demo_shape/top1" in output
     assert "sync_dist=True" not in output  # Lightning's warning for epoch metrics left unsynced
 
 
@@ -269,7 +269,7 @@ def test_demo_beats_chance(tmp_path_factory, tmp_path):
                          "data.num_workers=0", "trainer.enable_progress_bar=false", "optim.warmup_steps=10",
                          "+trainer.val_check_interval=12"])
     metrics = train.train(cfg)
-    assert metrics["zeroshot/demo_colour/top1"] > 0.5
+    assert metrics["zero_shot/demo_colour/top1"] > 0.5
 
 
 def test_skipped_samples_are_logged_summed_over_ranks(make_tiny_shards, tmp_path):
@@ -346,7 +346,7 @@ def test_a_run_prints_no_lightning_noise_and_logs_its_final_metrics(demo_overrid
     for noise in ("`srun` command", "LeafSpec", "litlogger"):
         assert noise not in output, output[-3000:]
     # The final metrics go through the clip_pl logger: to the console and to Hydra's train.log.
-    line = re.search(r"^zeroshot/demo_colour/top1 +[0-9.]+$", result.stdout, re.M)
+    line = re.search(r"^zero_shot/demo_colour/top1 +[0-9.]+$", result.stdout, re.M)
     assert line and line[0] in (tmp_path / "run" / "train.log").read_text()
 
 
@@ -359,3 +359,22 @@ def test_a_resumed_run_shows_its_epoch_and_length(demo_overrides, tmp_path, caps
     # Lightning's own bar read "Training: 3/?" (no epoch, no total) from the first resumed batch on.
     assert re.search(r"^Epoch \d+: 100%.*\| 3/3 ", bar, re.M), bar[-2000:]
     assert not re.search(r"\b[1-9]\d*/\?", bar), bar[-2000:]
+
+
+def test_callbacks_are_added_and_removed_by_override(demo_overrides, tmp_path):
+    from lightning.pytorch.callbacks import LearningRateMonitor, Timer
+
+    from clip_pl.callbacks import LastCheckpointSchedule, RunCheckpoint, TrainingSpeedMonitor
+    from clip_pl.pictures import ValidationPictures
+
+    def kinds(*overrides):
+        cfg = compose_train([*demo_overrides, f"run_dir={tmp_path}", *overrides])
+        _, _, trainer = train.build(cfg, str(tmp_path))
+        return {type(c) for c in trainer.callbacks}
+
+    default = kinds()
+    assert {RunCheckpoint, LastCheckpointSchedule, TrainingSpeedMonitor, LearningRateMonitor, ValidationPictures} <= default
+    changed = kinds("callbacks.pictures=null", "+callbacks.timer={_target_: lightning.pytorch.callbacks.Timer}")
+    assert changed == (default - {ValidationPictures}) | {Timer}
+    # Lightning refuses a learning-rate monitor without a logger.
+    assert LearningRateMonitor not in kinds("logger=none")
