@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 import warnings
+from typing import Any
 
 import hydra
 import lightning as L
@@ -82,6 +83,22 @@ RESUME_MAY_CHANGE = (
     "checkpoint", "logger", "callbacks", "zero_shot", "suite",
     "data.num_workers", "data.val_shards", "data.val_samples", "module.compile",
 )
+
+
+def preset_field(field: str, *, _root_: DictConfig) -> Any:
+    """``${preset:image.image_size}`` in conf/model: that field of the preset ``model.name`` names.
+
+    The presets are defined once, in ``clip_pl.model.MODEL_CONFIGS``; a config that needs one of
+    their values before the model is built (the demo's image size, the tokenizer's context length)
+    reads it from there instead of restating it.
+    """
+    from clip_pl.model import get_model_config
+
+    part, _, name = field.partition(".")
+    return getattr(getattr(get_model_config(_root_.model.name), part), name)
+
+
+OmegaConf.register_new_resolver("preset", preset_field, replace=True)
 
 
 def check_nothing_missing(cfg: DictConfig) -> None:

@@ -470,8 +470,8 @@ def get_model_config(
     Args:
         name: A key of ``MODEL_CONFIGS``.
         embed_dim: Replaces the embedding dimension.
-        image: Fields of ``ImageTowerConfig`` to replace, e.g. ``{"image_size": 256}``.
-        text: Fields of ``TextTowerConfig`` to replace, e.g. ``{"vocab_size": 32000}``.
+        image: Fields of ``ImageTowerConfig`` to replace, e.g. ``{"image_size": 256}``; None keeps the preset's.
+        text: Fields of ``TextTowerConfig`` to replace, e.g. ``{"vocab_size": 32000}``; None keeps the preset's.
         init_logit_scale: Replaces the initial log temperature.
         init_logit_bias: Adds a learnable logit bias with this initial value (SigLIP).
     """
@@ -480,7 +480,10 @@ def get_model_config(
         hint = f" Did you mean {', '.join(close)}?" if close else ""
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(list_models())}.{hint}")
     config = copy.deepcopy(MODEL_CONFIGS[name])
-    if image and image.get("name", config.image.name) != config.image.name and "model_kwargs" not in image:
+    # None keeps the preset's value: the training config lists the fields it lets a user set as null.
+    image = {k: v for k, v in (image or {}).items() if v is not None}
+    text = {k: v for k, v in (text or {}).items() if v is not None}
+    if image.get("name", config.image.name) != config.image.name and "model_kwargs" not in image:
         # A preset's timm kwargs (depth, patch size...) belong to its own trunk, not to a replacement.
         config.image.model_kwargs = {}
     replace_tower_fields(config, image, text)

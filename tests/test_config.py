@@ -9,6 +9,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 import command_line
+import train  # noqa: F401 (registers the ${preset:...} resolver of conf/model)
 
 CONF = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
 EXPERIMENTS = sorted(f[:-5] for f in os.listdir(os.path.join(CONF, "experiment")))
@@ -110,3 +111,31 @@ def test_mistaken_overrides_are_named_with_the_closest_key(argv, message):
     with pytest.raises(ValueError) as error:
         command_line.check_overrides(argv, CONF, "train")
     assert str(error.value) == message
+
+
+MODEL_PRESETS = sorted(f[:-5] for f in os.listdir(os.path.join(CONF, "model")) if f != "openclip.yaml")
+
+
+@pytest.mark.parametrize("preset", MODEL_PRESETS)
+def test_a_model_config_names_its_preset_and_restates_nothing(preset):
+    from clip_pl.model import get_model_config
+
+    cfg = compose_train([f"model={preset}"])
+    raw = OmegaConf.to_container(cfg.model, resolve=False)
+    assert raw["name"] == preset
+    values = [v for part in ("image", "text") for v in raw[part].values()]
+    # Every listed field is null (the preset's) or reads the preset (${preset:...}).
+    assert all(v is None or (isinstance(v, str) and v.startswith("${preset:")) for v in values), raw
+    with torch.device("meta"):
+        model = instantiate(cfg.model, text={"vocab_size": 1000, **cfg.model.text}, _convert_="all")
+    assert model.config == get_model_config(preset, text={"vocab_size": 1000})
+    assert cfg.tokenizer.context_length == model.config.text.context_length
+
+
+def test_a_field_of_the_model_config_overrides_the_preset_and_what_reads_it():
+    cfg = compose_train(["model.image.image_size=48", "model.text.context_length=20", "+model.text.layers=2"])
+    assert cfg.prepare_data.image_size == 48 and cfg.demo_cache.endswith("demo_48px")
+    assert cfg.tokenizer.context_length == 20
+    with torch.device("meta"):
+        model = instantiate(cfg.model, text={"vocab_size": 1000, **cfg.model.text}, _convert_="all")
+    assert (model.config.image.image_size, model.config.text.context_length, model.config.text.layers) == (48, 20, 2)
