@@ -38,8 +38,7 @@ from clip_pl.loss import ClipLoss
 from clip_pl.model import create_model
 from data_pipelines.datamodule import ShardDataModule
 from data_pipelines.tokenizer import Tokenizer
-from data_pipelines.transforms import PreprocessConfig
-from data_pipelines.transforms import NormalizeImages
+from data_pipelines.transforms import NormalizeImages, PreprocessConfig
 
 WIDTH, DEPTH, HEADS, PATCH, CONTEXT, EMBED_DIM = 128, 4, 4, 4, 16, 128
 VARIANTS = ("clip_pl", "openclip", "clip_pl_bpe")

@@ -35,9 +35,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
-from clip_pl.api import read_state_dict
 from clip_pl.checkpoint import state_shape_differences
 from clip_pl.export import is_safetensors_file
+from clip_pl.loading import read_state_dict
 from clip_pl.model import CLIP, ImageTower, get_model_config
 from data_pipelines.atomic import atomic_output
 from data_pipelines.errors import USER_ERRORS, report_user_error

@@ -30,10 +30,10 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from clip_pl.api import add_model_arguments, load
-from clip_pl.evaluation import ZeroShotTask, resolve_templates, run_retrieval
+from clip_pl.loading import add_model_arguments, load
 from clip_pl.model import CLIP
 from clip_pl.suite import PRECISIONS, Suite, SuiteResult, shipped_suites
+from clip_pl.zero_shot import ZeroShotTask, resolve_templates, run_retrieval
 from data_pipelines.atomic import atomic_output
 from data_pipelines.errors import USER_ERRORS, report_user_error
 from data_pipelines.pipeline import ValStream, make_decoder, select_val_shards

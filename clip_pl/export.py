@@ -188,7 +188,7 @@ def read_exported(path: str | os.PathLike) -> tuple[CLIP, TextTokenizer]:
 
 
 def _export_openclip(source: str, directory: str) -> None:
-    # Imported here: export_openclip reads models through clip_pl.api, which imports this module.
+    # Imported here: export_openclip reads models through clip_pl.loading, which imports this module.
     from clip_pl.export_openclip import TOKENIZER_FILE, WEIGHTS_FILE, export_openclip_file
     from clip_pl.openclip_models import CONFIG_FILE
 

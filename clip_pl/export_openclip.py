@@ -29,8 +29,8 @@ from typing import Any
 
 from safetensors.torch import save_file
 
-from clip_pl.api import load_model
 from clip_pl.convert import openclip_state_dict
+from clip_pl.loading import load_model
 from clip_pl.model import CLIP
 from clip_pl.openclip_models import CONFIG_FILE, openclip_config_from
 from data_pipelines.atomic import atomic_output, remove_stale_temporaries

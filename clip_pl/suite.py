@@ -46,9 +46,9 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from clip_pl.distributed import all_gather_uneven, fail_together
-from clip_pl.evaluation import build_zero_shot_classifier
 from clip_pl.metrics import accuracy, mean_average_precision, mean_per_class_recall, retrieval_recall
 from clip_pl.model import CLIP
+from clip_pl.zero_shot import build_zero_shot_classifier
 from data_pipelines.errors import USER_ERRORS, user_error_line
 from data_pipelines.eval_data import BenchmarkFolder, LabelledShards, caption_lines, multi_hot, read_benchmark_folder
 from data_pipelines.ranks import rank_and_world_size

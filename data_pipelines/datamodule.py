@@ -42,8 +42,7 @@ from data_pipelines.ranks import rank_and_world_size
 from data_pipelines.samples import DEFAULT_MAX_IMAGE_PIXELS, IMAGE_KEYS, SampleKey, check_layout
 from data_pipelines.shards import local_path
 from data_pipelines.tokenizer import Tokenizer
-from data_pipelines.transforms import PreprocessConfig
-from data_pipelines.transforms import CROP_RATIO, image_transform
+from data_pipelines.transforms import CROP_RATIO, PreprocessConfig, image_transform
 
 # State entries that must match for a resume to continue at the exact sample.
 _LAYOUT_KEYS = ("mode", "seed", "world_size", "num_workers", "batch_size", "samples_per_epoch", "shuffle_buffer")

@@ -12,8 +12,7 @@ from data_pipelines.demo import COLOURS, DEMO_TASKS, POSITIONS, demo_eval_set, p
 from data_pipelines.samples import SampleKey, decode_image, read_samples
 from data_pipelines.shards import parse_shard_spec
 from data_pipelines.tokenizer import UNK_ID, Tokenizer
-from data_pipelines.transforms import PreprocessConfig
-from data_pipelines.transforms import image_transform
+from data_pipelines.transforms import PreprocessConfig, image_transform
 
 
 def test_demo_is_generated_once_and_reused(tmp_path):

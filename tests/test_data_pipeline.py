@@ -21,8 +21,7 @@ from data_pipelines import pipeline
 from data_pipelines.datamodule import ShardDataModule
 from data_pipelines.errors import report_user_error
 from data_pipelines.samples import SkipSample, decode_image, decode_pixels, jpeg_frame
-from data_pipelines.transforms import PreprocessConfig
-from data_pipelines.transforms import NormalizeImages
+from data_pipelines.transforms import NormalizeImages, PreprocessConfig
 
 
 def datamodule(spec, tokenizer, **kw) -> ShardDataModule:

@@ -8,8 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from data_pipelines import inspect_shards as inspect_tool
-from data_pipelines import train_tokenizer
+from data_pipelines import inspect_shards as inspect_tool, train_tokenizer
 from data_pipelines.tokenizer import UNK_ID, Tokenizer
 
 REPO = Path(__file__).resolve().parents[1]

@@ -13,7 +13,8 @@ from torch.utils.data import DataLoader
 
 from clip_pl import evaluate
 from clip_pl.distributed import free_port
-from clip_pl.evaluation import (
+from clip_pl.metrics import accuracy, retrieval_recall
+from clip_pl.zero_shot import (
     DEFAULT_TEMPLATES,
     ZeroShotTask,
     build_zero_shot_classifier,
@@ -21,7 +22,6 @@ from clip_pl.evaluation import (
     fill_template,
     resolve_templates,
 )
-from clip_pl.metrics import accuracy, retrieval_recall
 from data_pipelines import transforms
 from data_pipelines.eval_data import LabelledShards
 from data_pipelines.tokenizer import Tokenizer

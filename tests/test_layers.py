@@ -21,10 +21,10 @@ LAYERS = {
         "clip_pl.visualization", "clip_pl.optim"],
     # model files: checkpoints, exports, foreign formats, pretrained weights, loading
     2: ["clip_pl.checkpoint", "clip_pl.convert", "clip_pl.export", "clip_pl.export_openclip", "clip_pl.openclip_models",
-        "clip_pl.api", "clip_pl.pretrained"],
+        "clip_pl.loading", "clip_pl.pretrained"],
     # training and evaluation
     3: ["clip_pl.module", "clip_pl.callbacks", "clip_pl.slurm", "clip_pl.progress", "clip_pl.run_dir",
-        "clip_pl.loggers", "clip_pl.pictures", "clip_pl.evaluation", "clip_pl.suite"],
+        "clip_pl.loggers", "clip_pl.validation_pictures", "clip_pl.zero_shot", "clip_pl.suite"],
     # applications: command-line tools and the training entry point
     4: ["clip_pl", "clip_pl.evaluate", "clip_pl.predict", "train", "command_line"],
 }

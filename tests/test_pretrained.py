@@ -8,8 +8,8 @@ from omegaconf import OmegaConf
 from test_train import compose_train, demo_overrides  # noqa: F401  (demo_overrides is a fixture)
 
 import train
-from clip_pl.api import load_model, read_state_dict
 from clip_pl.export import export_checkpoint
+from clip_pl.loading import load_model, read_state_dict
 from clip_pl.model import DEFAULT_LOGIT_SCALE
 from clip_pl.pretrained import init_from_pretrained
 from data_pipelines.tokenizer import Tokenizer, train_sentencepiece

@@ -14,8 +14,8 @@ from test_train import compose_train, demo_overrides  # noqa: F401  (demo_overri
 
 import clip_pl
 import train
-from clip_pl.api import read_state_dict
 from clip_pl.checkpoint import CHECKPOINT_KEY, read_checkpoint
+from clip_pl.loading import read_state_dict
 from clip_pl.openclip_models import create_model_from_openclip
 from data_pipelines.tokenizer import Tokenizer
 

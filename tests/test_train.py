@@ -365,7 +365,7 @@ def test_callbacks_are_added_and_removed_by_override(demo_overrides, tmp_path):
     from lightning.pytorch.callbacks import LearningRateMonitor, Timer
 
     from clip_pl.callbacks import LastCheckpointSchedule, RunCheckpoint, TrainingSpeedMonitor
-    from clip_pl.pictures import ValidationPictures
+    from clip_pl.validation_pictures import ValidationPictures
 
     def kinds(*overrides):
         cfg = compose_train([*demo_overrides, f"run_dir={tmp_path}", *overrides])

@@ -10,8 +10,7 @@ from clip_pl.visualization import (
     to_array,
     wrap_text,
 )
-from data_pipelines.transforms import PreprocessConfig
-from data_pipelines.transforms import image_transform
+from data_pipelines.transforms import PreprocessConfig, image_transform
 
 CAPTIONS = ["a red square", "a green square", "a blue square on a white table in a bright kitchen"]
 COLOURS = [(220, 30, 30), (30, 160, 60), (40, 60, 200)]

@@ -18,8 +18,14 @@ from tiny_clip import make_model, make_tokenizer, random_image, write_checkpoint
 
 import clip_pl
 from clip_pl import export
-from data_pipelines.transforms import PreprocessConfig
-from data_pipelines.transforms import RandomResizedCrop, image_transform, interpolation_mode, stack_pixels, to_rgb
+from data_pipelines.transforms import (
+    PreprocessConfig,
+    RandomResizedCrop,
+    image_transform,
+    interpolation_mode,
+    stack_pixels,
+    to_rgb,
+)
 
 
 @pytest.fixture(scope="module")
