@@ -27,8 +27,8 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from omegaconf import DictConfig, OmegaConf
 
-from clip_pl.callbacks import AtomicCheckpointIO, SaveOnInterrupt, StopOnSigterm, interrupted_by
-from clip_pl.checkpoint import checkpoint_step, shape_differences
+from clip_pl.callbacks import SaveOnInterrupt, StopOnSigterm, interrupted_by
+from clip_pl.checkpoint import AtomicCheckpointIO, checkpoint_step, shape_differences
 from clip_pl.openclip_models import openclip_model_config
 from clip_pl.pretrained import init_from_pretrained
 from clip_pl.progress import ProgressBar

@@ -1,4 +1,4 @@
-"""Lightning callbacks and plugins: what a researcher watches, and crash-safe checkpoint files."""
+"""Lightning callbacks: what a researcher watches, when the run checkpoints, and how it stops when signalled."""
 
 from __future__ import annotations
 
@@ -7,19 +7,16 @@ import os
 import signal
 import time
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
 from types import FrameType
 from typing import Any
 
 import lightning as L
 import torch
-from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
 from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from lightning_utilities.core.apply_func import apply_to_collection
 
-from clip_pl.checkpoint import atomic_torch_save
+from clip_pl.checkpoint import AtomicCheckpointIO
 from clip_pl.distributed import DeferredSum
 from clip_pl.flops import dense_peak_flops, model_flops_per_sample
 from clip_pl.model import CLIPConfig
@@ -445,82 +442,3 @@ class SkippedSamplesMonitor(L.Callback):
         self._previous = dict(counts)
         # Every rank logs its own counts; Lightning sums them across ranks.
         pl_module.log_dict({f"data/skipped_{n}": float(c) for n, c in epoch.items()}, sync_dist=True, reduce_fx="sum")
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning checkpoint IO writing local files with ``atomic_torch_save``, optionally in the background.
-
-    Lightning's own writer goes through a temporary file in ``$TMPDIR``; when that is another
-    filesystem (node-local scratch) the final move is a copy, and a kill mid-copy leaves a
-    truncated ``last.ckpt``. Remote URLs (``s3://`` ...) keep Lightning's behaviour.
-
-    With ``async_save``, training waits only while the checkpoint's tensors are copied to host
-    memory, a snapshot of that step; a thread then writes it. For ViT-B/16's 1.67 GiB checkpoint
-    on the CPU machine training stopped 0.14 s instead of 2.2 s (``benchmarks/checkpoint_save.py``,
-    ``benchmarks/RESULTS.md``, B). The host buffers stay allocated between saves (the checkpoint's
-    size, pinned when the tensors are on a GPU). One write is in flight at a time: the next save,
-    a load, a removal, ``wait`` and the end of training (``teardown``) wait for it and raise its
-    error, if it had one. Lightning's ``AsyncCheckpointIO`` would keep its snapshot on the GPU.
-
-    Args:
-        async_save: Write in a background thread.
-    """
-
-    def __init__(self, async_save: bool = False) -> None:
-        super().__init__()
-        self.async_save = async_save
-        self._executor: ThreadPoolExecutor | None = None
-        self._pending: Future | None = None
-        self._buffers: list[torch.Tensor] = []
-
-    def __getstate__(self) -> dict[str, Any]:
-        # ddp_spawn pickles the trainer into the processes it starts; a thread pool cannot go along.
-        return {**self.__dict__, "_executor": None, "_pending": None, "_buffers": []}
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
-        self.wait()
-        if "://" in str(path):
-            return super().save_checkpoint(checkpoint, path, storage_options)
-        if not self.async_save:
-            return atomic_torch_save(checkpoint, path)
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
-        self._pending = self._executor.submit(atomic_torch_save, self._snapshot(checkpoint), path)
-
-    def _snapshot(self, checkpoint: dict[str, Any]) -> dict[str, Any]:
-        """The checkpoint with its tensors copied to host memory, into the last save's buffers.
-
-        Every save has the same tensors, so the buffers are allocated (pinned, for copies from the
-        GPU) once; fresh memory for each save would cost its page faults again.
-        """
-        old, new = iter(self._buffers), []
-
-        def copy(tensor: torch.Tensor) -> torch.Tensor:
-            buffer = next(old, None)
-            if buffer is None or buffer.shape != tensor.shape or buffer.dtype != tensor.dtype:
-                buffer = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=tensor.is_cuda)
-            new.append(buffer.copy_(tensor.detach(), non_blocking=True))
-            return buffer
-
-        snapshot = apply_to_collection(checkpoint, torch.Tensor, copy)
-        if torch.cuda.is_initialized():
-            torch.cuda.synchronize()  # the copies from the GPU are done before the thread reads them
-        self._buffers = new
-        return snapshot
-
-    def wait(self) -> None:
-        """Returns when the checkpoint being written, if any, is on disk; raises the write's error."""
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            pending.result()
-
-    def load_checkpoint(self, *args: Any, **kwargs: Any) -> Any:
-        self.wait()
-        return super().load_checkpoint(*args, **kwargs)
-
-    def remove_checkpoint(self, path: Any) -> None:
-        self.wait()
-        super().remove_checkpoint(path)
-
-    def teardown(self) -> None:
-        self.wait()

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import random
 import warnings
-from dataclasses import dataclass
 from typing import Any
 
 import lightning as L

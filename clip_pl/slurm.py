@@ -23,7 +23,7 @@ from typing import Any, Sequence
 import lightning as L
 from lightning.fabric.plugins.environments import SLURMEnvironment
 
-from clip_pl.callbacks import AtomicCheckpointIO
+from clip_pl.checkpoint import AtomicCheckpointIO
 from clip_pl.distributed import DeferredSum
 
 log = logging.getLogger(__name__)

@@ -38,7 +38,6 @@ from dataclasses import dataclass
 from itertools import accumulate, islice
 
 import torch
-import torch.distributed as dist
 from torch.utils.data import IterableDataset, get_worker_info
 
 from data_pipelines.counters import SkipCounters

@@ -13,9 +13,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-import clip_pl.callbacks
-from clip_pl.callbacks import AtomicCheckpointIO, TrainingSpeedMonitor
-from clip_pl.checkpoint import atomic_torch_save, model_from_checkpoint, read_checkpoint
+import clip_pl.checkpoint
+from clip_pl.callbacks import TrainingSpeedMonitor
+from clip_pl.checkpoint import AtomicCheckpointIO, atomic_torch_save, model_from_checkpoint, read_checkpoint
 from clip_pl.flops import model_flops_per_sample
 from clip_pl.loss import ClipLoss, SigLipLoss
 from clip_pl.model import create_model
@@ -147,7 +147,7 @@ def test_async_save_writes_the_step_it_was_given_while_training_goes_on(tmp_path
         assert gate.wait(timeout=30)
         atomic_torch_save(obj, path)
 
-    monkeypatch.setattr(clip_pl.callbacks, "atomic_torch_save", held_save)
+    monkeypatch.setattr(clip_pl.checkpoint, "atomic_torch_save", held_save)
     io = AtomicCheckpointIO(async_save=True)
     weight = torch.ones(3)
     io.save_checkpoint({"state_dict": {"w": weight}, "global_step": 6}, tmp_path / "last.ckpt")
@@ -160,7 +160,7 @@ def test_async_save_writes_the_step_it_was_given_while_training_goes_on(tmp_path
     saved = torch.load(tmp_path / "last.ckpt")
     assert torch.equal(saved["state_dict"]["w"], torch.ones(3)) and saved["global_step"] == 6
     # The next save copies into the same host buffers, after the previous write has finished.
-    monkeypatch.setattr(clip_pl.callbacks, "atomic_torch_save", atomic_torch_save)
+    monkeypatch.setattr(clip_pl.checkpoint, "atomic_torch_save", atomic_torch_save)
     io.save_checkpoint({"state_dict": {"w": weight}, "global_step": 7}, tmp_path / "step7.ckpt")
     weight.add_(1.0)
     io.save_checkpoint({"state_dict": {"w": weight}, "global_step": 8}, tmp_path / "last.ckpt")
@@ -171,7 +171,7 @@ def test_async_save_writes_the_step_it_was_given_while_training_goes_on(tmp_path
     def failing_save(obj, path):
         raise OSError("disk full")
 
-    monkeypatch.setattr(clip_pl.callbacks, "atomic_torch_save", failing_save)
+    monkeypatch.setattr(clip_pl.checkpoint, "atomic_torch_save", failing_save)
     io.save_checkpoint({"global_step": 9}, tmp_path / "last.ckpt")
     with pytest.raises(OSError, match="disk full"):  # the next save (or the end of training) reports it
         io.save_checkpoint({"global_step": 10}, tmp_path / "last.ckpt")
