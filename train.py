@@ -32,7 +32,13 @@ from clip_pl.checkpoint import AtomicCheckpointIO, checkpoint_step, shape_differ
 from clip_pl.openclip_models import openclip_model_config
 from clip_pl.pretrained import init_from_pretrained
 from clip_pl.progress import ProgressBar
-from clip_pl.run_dir import config_changes, format_metrics, read_final_metrics, write_final_metrics
+from clip_pl.run_dir import (
+    config_changes,
+    format_metrics,
+    last_checkpoint_path,
+    read_final_metrics,
+    write_final_metrics,
+)
 from clip_pl.slurm import RequeueOnSignal, check_task_layout, is_slurm_task, stopped_for_requeue
 from command_line import check_overrides
 from data_pipelines.atomic import atomic_output, remove_stale_temporaries
@@ -141,7 +147,7 @@ def build(cfg: DictConfig, run_dir: str) -> tuple[L.LightningModule, L.Lightning
     tokenizer = instantiate(cfg.tokenizer)
     text = {"vocab_size": tokenizer.vocab_size, "pad_id": tokenizer.pad_id, "eos_id": tokenizer.eos_id}
     model = instantiate(cfg.model, text={**text, **cfg.model.text}, _convert_="all")
-    last = os.path.join(run_dir, "checkpoints", "last.ckpt")
+    last = last_checkpoint_path(run_dir)
     # A resuming run takes its weights from last.ckpt, and the pretrained files may be gone by then.
     if not os.path.isfile(last):
         init_from_pretrained(model, tokenizer, **OmegaConf.to_container(cfg.init, resolve=True))
@@ -248,7 +254,7 @@ def save_config(cfg: DictConfig, run_dir: str, keep_previous: bool) -> None:
 def train(cfg: DictConfig) -> dict[str, float]:
     """Trains, resuming from ``<run dir>/checkpoints/last.ckpt`` when it exists; returns final metrics."""
     run_dir = run_directory(cfg)
-    last = os.path.join(run_dir, "checkpoints", "last.ckpt")
+    last = last_checkpoint_path(run_dir)
     resume = last if os.path.isfile(last) else None
     # A config.yaml without a last.ckpt describes no weights yet: it is replaced without a check.
     changed = config_changes_since_saved(cfg, run_dir) if resume else {}

@@ -20,6 +20,7 @@ from clip_pl.checkpoint import AtomicCheckpointIO
 from clip_pl.distributed import DeferredSum
 from clip_pl.flops import dense_peak_flops, model_flops_per_sample
 from clip_pl.model import CLIPConfig
+from clip_pl.run_dir import last_checkpoint_path
 
 log = logging.getLogger(__name__)
 
@@ -331,11 +332,6 @@ def interrupted_by(trainer: L.Trainer) -> signal.Signals | None:
     return next((c.interrupted_by for c in trainer.callbacks if isinstance(c, SaveOnInterrupt)), None)
 
 
-def run_checkpoint_path(trainer: L.Trainer) -> str:
-    """The run's one checkpoint, ``<run dir>/checkpoints/last.ckpt`` (``train.py`` makes the run dir the trainer's root)."""
-    return os.path.join(trainer.default_root_dir, "checkpoints", "last.ckpt")
-
-
 class RunCheckpoint(ModelCheckpoint):
     """``ModelCheckpoint`` keeping one file, the run's ``last.ckpt``, rewritten every ``every_n_train_steps``.
 
@@ -351,7 +347,8 @@ class RunCheckpoint(ModelCheckpoint):
         )
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        self.dirpath = os.path.dirname(run_checkpoint_path(trainer))
+        # train.py makes the run directory the trainer's root.
+        self.dirpath = os.path.dirname(last_checkpoint_path(trainer.default_root_dir))
         super().setup(trainer, pl_module, stage)
 
 
@@ -374,7 +371,7 @@ class LastCheckpointSchedule(Checkpoint):
 
     Args:
         checkpoint_path: The file to write: ModelCheckpoint's ``last.ckpt``, so that it stays the
-            single newest checkpoint; None: the run's (``run_checkpoint_path``).
+            single newest checkpoint; None: the run's (``last_checkpoint_path`` of the trainer's root).
         every_n_minutes: Minutes of training between saves; None: no saves by time.
 
     Raises:
@@ -395,7 +392,7 @@ class LastCheckpointSchedule(Checkpoint):
         self._vote = DeferredSum()
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        self.checkpoint_path = self.checkpoint_path or run_checkpoint_path(trainer)
+        self.checkpoint_path = self.checkpoint_path or last_checkpoint_path(trainer.default_root_dir)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # A resumed run starts from a checkpoint of this step; a new one has nothing to save yet.

@@ -1,4 +1,4 @@
-"""Checkpoint files: crash-safe writing (also Lightning's, through ``AtomicCheckpointIO``), and reading a model back out of one.
+"""Checkpoint files: crash-safe writing (Lightning's too, ``AtomicCheckpointIO``), and a model read back out.
 
 A training checkpoint is Lightning's dictionary plus one entry, ``checkpoint["clip_pl"]``, holding
 everything needed to rebuild the model without the training config: the model config and the

@@ -144,7 +144,9 @@ def main(argv: list[str] | None = None) -> int:
         except USER_ERRORS as e:
             return report_user_error(e)
     if not zero_shot_data and not args.retrieval_shards:
-        parser.error("nothing to evaluate: give --suite, --zero-shot-folder, --zero-shot-shards and/or --retrieval-shards")
+        parser.error(
+            "nothing to evaluate: give --suite, --zero-shot-folder, --zero-shot-shards and/or --retrieval-shards"
+        )
 
     results: dict[str, dict[str, float]] = {}
     try:

@@ -75,12 +75,27 @@ def mean_per_class_recall(logits: torch.Tensor, labels: torch.Tensor) -> float:
     """
     if logits.shape[0] == 0:
         raise ValueError("mean per-class recall of an empty set is undefined")
-    hits = true_class_ranks(logits, labels) == 0
-    labels = labels.to(device=logits.device, dtype=torch.long)
-    samples = torch.bincount(labels, minlength=logits.shape[1])
-    correct = torch.bincount(labels, weights=hits.double(), minlength=logits.shape[1])
+    return _mean_per_class_recall(true_class_ranks(logits, labels), labels, logits.shape[1])
+
+
+def _mean_per_class_recall(ranks: torch.Tensor, labels: torch.Tensor, num_classes: int) -> float:
+    labels = labels.to(device=ranks.device, dtype=torch.long)
+    samples = torch.bincount(labels, minlength=num_classes)
+    correct = torch.bincount(labels, weights=(ranks == 0).double(), minlength=num_classes)
     present = samples > 0
     return (correct[present] / samples[present]).mean().item()
+
+
+def classification_metrics(
+    logits: torch.Tensor, labels: torch.Tensor, topk: Sequence[int] = (1, 5)
+) -> dict[str, float]:
+    """``accuracy`` and ``mean_per_class_recall`` from one ranking of the true classes."""
+    if logits.shape[0] == 0:
+        raise ValueError("accuracy of an empty set is undefined")
+    ranks = true_class_ranks(logits, labels)
+    metrics = {f"top{k}": (ranks < k).sum().item() / len(labels) for k in topk}
+    metrics["mean_per_class_recall"] = _mean_per_class_recall(ranks, labels, logits.shape[1])
+    return metrics
 
 
 def average_precision_per_class(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -96,7 +111,8 @@ def average_precision_per_class(scores: torch.Tensor, targets: torch.Tensor) -> 
     """
     if scores.dim() != 2 or targets.shape != scores.shape:
         raise ValueError(
-            f"expected scores [N, C] and targets of the same shape, got {tuple(scores.shape)} and {tuple(targets.shape)}"
+            f"expected scores [N, C] and targets of the same shape, got {tuple(scores.shape)} and "
+            f"{tuple(targets.shape)}"
         )
     if scores.shape[0] == 0:
         raise ValueError("average precision of an empty set is undefined")

@@ -97,9 +97,9 @@ class CLIPModule(L.LightningModule):
         micro_batch_size: Encode a training batch in micro-batches of this many samples, each
             recomputed in backward (activation checkpointing per micro-batch), so the towers'
             activation memory is that of one micro-batch while the contrastive loss still sees the
-            whole batch: the loss and its gradients are exactly those of the whole batch, for one extra forward pass. This is
-            how a contrastive batch larger than memory is trained (OpenCLIP's ``accum_freq``
-            caches features for the same purpose). BatchNorm towers see per-micro-batch statistics.
+            whole batch: the loss and its gradients are exactly those of the whole batch, for one
+            extra forward pass. This is how a contrastive batch larger than memory is trained
+            (OpenCLIP's ``accum_freq`` caches features for the same purpose). BatchNorm towers see per-micro-batch statistics.
             None: the whole batch at once.
         zero_shot_tasks: Zero-shot classification tasks run at each validation, split across ranks.
         lock_image: Freeze the image tower (LiT), but its projection and its last

@@ -19,6 +19,11 @@ FINAL_METRICS_FILE = "final_metrics.json"
 ABSENT = "(absent)"
 
 
+def last_checkpoint_path(run_dir: str) -> str:
+    """The run's one checkpoint, the newest: ``<run_dir>/checkpoints/last.ckpt``, which a rerun resumes from."""
+    return os.path.join(run_dir, "checkpoints", "last.ckpt")
+
+
 def flatten(config: Any, prefix: str = "") -> dict[str, Any]:
     """``{"a": {"b": [1, 2]}}`` -> ``{"a.b.0": 1, "a.b.1": 2}``; empty containers are kept as values."""
     if isinstance(config, Mapping) and config:

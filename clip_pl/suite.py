@@ -46,9 +46,9 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from clip_pl.distributed import all_gather_uneven, fail_together
-from clip_pl.metrics import accuracy, mean_average_precision, mean_per_class_recall, retrieval_recall
+from clip_pl.metrics import classification_metrics, mean_average_precision, retrieval_recall
 from clip_pl.model import CLIP
-from clip_pl.zero_shot import build_zero_shot_classifier
+from clip_pl.zero_shot import build_zero_shot_classifier, check_class_indices
 from data_pipelines.errors import USER_ERRORS, user_error_line
 from data_pipelines.eval_data import BenchmarkFolder, LabelledShards, caption_lines, multi_hot, read_benchmark_folder
 from data_pipelines.ranks import rank_and_world_size
@@ -140,6 +140,11 @@ class SuiteResult:
     groups: dict[str, list[str]] = field(default_factory=dict)
 
     @property
+    def listed(self) -> int:
+        """The datasets the suite lists: evaluated, skipped or failed."""
+        return len(self.datasets) + len(self.skipped) + len(self.failed)
+
+    @property
     def average(self) -> float | None:
         """DataComp's average: the mean of the evaluated datasets' main metrics."""
         mains = [r.main for r in self.datasets.values()]
@@ -164,12 +169,11 @@ class SuiteResult:
 
     def to_json(self) -> dict[str, Any]:
         """The results as JSON-ready data (fractions)."""
-        listed = len(self.datasets) + len(self.skipped) + len(self.failed)
         return {
             "suite": self.suite,
             "average": self.average,
             "datasets_evaluated": len(self.datasets),
-            "datasets_listed": listed,
+            "datasets_listed": self.listed,
             "groups": {g: {"average": a, "datasets": n, "of": m} for g, (a, n, m) in self.group_averages().items()},
             "datasets": {
                 name: {
@@ -199,9 +203,8 @@ class SuiteResult:
             for row in rows
         ]
         lines.insert(1, "-" * len(lines[0]))
-        listed = len(self.datasets) + len(self.skipped) + len(self.failed)
         if self.average is not None:
-            lines.append(f"average of {len(self.datasets)} of {listed} datasets: {100 * self.average:.2f}")
+            lines.append(f"average of {len(self.datasets)} of {self.listed} datasets: {100 * self.average:.2f}")
         for group, (avg, n, m) in self.group_averages().items():
             lines.append(f"  {group} ({n} of {m}): {100 * avg:.2f}")
         lines += [f"skipped {name}: {why}" for name, why in self.skipped.items()]
@@ -252,7 +255,9 @@ class Suite:
         precision: str | None = None,
     ):
         if precision is not None and precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)} (or null for the device's), got {precision!r}")
+            raise ValueError(
+                f"precision must be one of {', '.join(PRECISIONS)} (or null for the device's), got {precision!r}"
+            )
         if batch_size < 1:
             raise ValueError(f"the suite's batch_size must be positive, got {batch_size}")
         self.name, self.datasets, self.root = name, list(datasets), root
@@ -295,7 +300,9 @@ class Suite:
             name = str(entry["name"])
             unknown = set(entry) - _ENTRY_KEYS
             if unknown:
-                raise ValueError(f"{where}: dataset {name} has unknown keys {sorted(unknown)}; known: {sorted(_ENTRY_KEYS)}")
+                raise ValueError(
+                    f"{where}: dataset {name} has unknown keys {sorted(unknown)}; known: {sorted(_ENTRY_KEYS)}"
+                )
             if entry.get("task") not in TASKS:
                 raise ValueError(f"{where}: dataset {name} needs task: {' or '.join(TASKS)}, got {entry.get('task')!r}")
             if entry.get("main_metric") not in (None, *METRICS):
@@ -433,10 +440,15 @@ class Suite:
             metrics["mean_R@1"] = (metrics["image_to_text_R@1"] + metrics["text_to_image_R@1"]) / 2
         else:
             classifier = build_zero_shot_classifier(
-                model, tokenizer, list(folder.classnames), list(folder.templates), device=device, distributed=distributed
+                model,
+                tokenizer,
+                list(folder.classnames),
+                list(folder.templates),
+                device=device,
+                distributed=distributed,
             )
             logits = images @ classifier
-            metrics = _classification_metrics(logits, targets.to(device), folder.kind, folder.root)
+            metrics = _classification_metrics(logits, targets, folder.kind, folder.root)
         main = dataset.main_metric or DEFAULT_MAIN_METRIC[folder.kind]
         if main not in metrics:
             raise ValueError(
@@ -449,15 +461,13 @@ def _classification_metrics(logits: torch.Tensor, targets: torch.Tensor, kind: s
     num_classes = logits.shape[1]
     if kind == "multilabel":
         if targets.dim() != 2 or targets.shape[1] != num_classes:
-            raise ValueError(f"{root}: multi-label targets of shape {tuple(targets.shape[1:])} for {num_classes} classes")
+            raise ValueError(
+                f"{root}: multi-label targets of shape {tuple(targets.shape[1:])} for {num_classes} classes"
+            )
         return {"mean_average_precision": mean_average_precision(logits, targets)}
-    outside = targets[(targets < 0) | (targets >= num_classes)]
-    if outside.numel():
-        raise ValueError(f"{root}: class index {int(outside[0])} has no class name (classnames.txt has {num_classes})")
+    check_class_indices(targets, num_classes)
     # clip_benchmark reports no top-5 with fewer than 5 classes.
-    metrics = accuracy(logits, targets, (1, 5) if num_classes >= 5 else (1,))
-    metrics["mean_per_class_recall"] = mean_per_class_recall(logits, targets)
-    return metrics
+    return classification_metrics(logits, targets, (1, 5) if num_classes >= 5 else (1,))
 
 
 @torch.no_grad()

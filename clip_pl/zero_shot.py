@@ -346,14 +346,19 @@ def _is_image_folder(data: str | list[str]) -> bool:
     return isinstance(data, str) and os.path.isdir(data) and not any(f.endswith(".tar") for f in os.listdir(data))
 
 
+def check_class_indices(labels: torch.Tensor, num_classes: int) -> None:
+    """Fails on a label without a class name, instead of scoring it as wrong."""
+    outside = labels[(labels < 0) | (labels >= num_classes)]
+    if outside.numel():
+        raise ValueError(
+            f"class index {int(outside[0])} has no class name (there are {num_classes}); "
+            "give one class name per label, in label order"
+        )
+
+
 def _checked_labels(loader: Iterable, num_classes: int) -> Iterator:
-    """Passes batches through, failing on a label without a class name instead of scoring it as wrong."""
+    """Passes batches through, checking their labels (``check_class_indices``)."""
     for images, labels in loader:
         labels = torch.as_tensor(labels)
-        outside = labels[(labels < 0) | (labels >= num_classes)]
-        if outside.numel():
-            raise ValueError(
-                f"class index {int(outside[0])} has no class name (there are {num_classes}); "
-                "give one class name per label, in label order"
-            )
+        check_class_indices(labels, num_classes)
         yield images, labels

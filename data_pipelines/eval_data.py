@@ -211,7 +211,9 @@ def read_benchmark_folder(root: str | os.PathLike, split: str = "test") -> Bench
     try:
         count = int(nshards.strip())
     except ValueError:
-        raise ValueError(f"{metadata}/{split}/nshards.txt must hold the number of shards, got {nshards.strip()!r}") from None
+        raise ValueError(
+            f"{metadata}/{split}/nshards.txt must hold the number of shards, got {nshards.strip()!r}"
+        ) from None
     urls = tuple(f"{shards}/{split}/{i}.tar" for i in range(count))
     if kind == "retrieval":
         return BenchmarkFolder(root, kind, urls, None, None)

@@ -123,7 +123,9 @@ class SampleKey:
         try:
             return int(self.value(sample))
         except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"sample {key!r}: cannot read an integer class index with label_key={str(self)!r} ({e!r})") from None
+            raise ValueError(
+                f"sample {key!r}: cannot read an integer class index with label_key={str(self)!r} ({e!r})"
+            ) from None
 
 
 def image_bytes(sample: dict, image_keys: Sequence[str] = IMAGE_KEYS) -> bytes | None:

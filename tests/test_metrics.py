@@ -7,6 +7,7 @@ from sklearn.metrics import balanced_accuracy_score
 from clip_pl.metrics import (
     accuracy,
     average_precision_per_class,
+    classification_metrics,
     mean_average_precision,
     mean_per_class_recall,
     retrieval_recall,
@@ -68,3 +69,11 @@ def test_an_image_is_a_hit_when_any_of_its_captions_is_in_the_top_k():
         "text_to_image_R@1": 1 / 3,
         "text_to_image_R@5": 1.0,
     }
+
+
+def test_classification_metrics_equal_accuracy_and_mean_per_class_recall():
+    generator = torch.Generator().manual_seed(1)
+    logits, labels = torch.randn(40, 7, generator=generator), torch.randint(0, 6, (40,), generator=generator)
+    logits[3] = logits[3, 0]  # ties
+    together = classification_metrics(logits, labels, (1, 5))
+    assert together == {**accuracy(logits, labels, (1, 5)), "mean_per_class_recall": mean_per_class_recall(logits, labels)}
