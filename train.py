@@ -149,7 +149,7 @@ def build(cfg: DictConfig, run_dir: str) -> tuple[L.LightningModule, L.Lightning
     model = instantiate(cfg.model, text={**text, **cfg.model.text}, _convert_="all")
     last = last_checkpoint_path(run_dir)
     # A resuming run takes its weights from last.ckpt, and the pretrained files may be gone by then.
-    if not os.path.isfile(last):
+    if not os.path.exists(last):
         init_from_pretrained(model, tokenizer, **OmegaConf.to_container(cfg.init, resolve=True))
     preprocess = model.preprocess_config
     # Built objects go in as plain arguments (_partial_), so Hydra never converts them to config nodes.
@@ -255,7 +255,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """Trains, resuming from ``<run dir>/checkpoints/last.ckpt`` when it exists; returns final metrics."""
     run_dir = run_directory(cfg)
     last = last_checkpoint_path(run_dir)
-    resume = last if os.path.isfile(last) else None
+    resume = last if os.path.exists(last) else None
     # A config.yaml without a last.ckpt describes no weights yet: it is replaced without a check.
     changed = config_changes_since_saved(cfg, run_dir) if resume else {}
     if resume:

@@ -16,7 +16,7 @@ from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
 from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from clip_pl.checkpoint import AtomicCheckpointIO
+from clip_pl.checkpoint import wait_for_write
 from clip_pl.distributed import DeferredSum
 from clip_pl.flops import dense_peak_flops, model_flops_per_sample
 from clip_pl.model import CLIPConfig
@@ -197,7 +197,7 @@ class SaveOnInterrupt(L.Callback):
     previous ``last.ckpt`` stays). At the end of every optimizer step the ranks sum their flags
     with a :class:`~clip_pl.distributed.DeferredSum`, read one step later, as ``RequeueOnSignal``
     does. When any rank was signalled, every rank at that same step calls
-    ``trainer.save_checkpoint`` (rank 0 writes; ``AtomicCheckpointIO``'s write is waited for), then
+    ``trainer.save_checkpoint`` (and waits until the checkpoint is on disk: ``wait_for_write``), then
     raises Lightning's ``SIGTERMException``: Lightning ends the fit as after its own SIGTERM
     handling (``on_exception``, teardown, loggers finalized), without the validation run that
     stopping with ``trainer.should_stop`` would start. A signal during the last two steps lets the
@@ -313,8 +313,7 @@ class SaveOnInterrupt(L.Callback):
             self._vote.start(self._flags, trainer.strategy.root_device)
             return
         trainer.save_checkpoint(self.checkpoint_path, weights_only=False)
-        if isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO):
-            trainer.strategy.checkpoint_io.wait()
+        wait_for_write(trainer.strategy.checkpoint_io)
         launcher = trainer.strategy.launcher
         if isinstance(launcher, _SubprocessScriptLauncher):
             # Lightning's watchdog thread, which watches this list, SIGKILLs this process (the one that

@@ -23,7 +23,7 @@ from typing import Any, Sequence
 import lightning as L
 from lightning.fabric.plugins.environments import SLURMEnvironment
 
-from clip_pl.checkpoint import AtomicCheckpointIO
+from clip_pl.checkpoint import wait_for_write
 from clip_pl.distributed import DeferredSum
 
 log = logging.getLogger(__name__)
@@ -92,7 +92,7 @@ class RequeueOnSignal(L.Callback):
     at once would, in every SLURM run of several GPUs; Lightning 2.6's own per-step SIGTERM
     broadcast still does, see ``benchmarks/RESULTS.md``, B). When any rank was signalled, every rank, at the same
     step, calls ``trainer.save_checkpoint``
-    (rank 0 writes, through the trainer's checkpoint IO, atomically with ``AtomicCheckpointIO``),
+    (through the trainer's checkpoint IO, atomically: a file by rank 0, or every rank's shards),
     rank 0 runs ``scontrol requeue`` for this job (for this task, in a job array), and the trainer
     stops. SLURM then terminates this run (SIGTERM, SIGKILL after ``KillWait``), usually before
     ``fit`` returns, and starts the same job again later; the same command finds
@@ -180,8 +180,7 @@ class RequeueOnSignal(L.Callback):
             trainer.global_step,
         )
         trainer.save_checkpoint(self.checkpoint_path)
-        if isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO):
-            trainer.strategy.checkpoint_io.wait()  # on disk before SLURM ends the job for the requeue
+        wait_for_write(trainer.strategy.checkpoint_io)  # on disk before SLURM ends the job for the requeue
         # Set before requeueing: SLURM terminates this run right after, at any point from here on.
         self.stopped_for_requeue = True
         trainer.should_stop = True

@@ -24,7 +24,7 @@ LAYERS = {
         "clip_pl.loading", "clip_pl.pretrained"],
     # training and evaluation
     3: ["clip_pl.module", "clip_pl.callbacks", "clip_pl.slurm", "clip_pl.progress", "clip_pl.run_dir",
-        "clip_pl.loggers", "clip_pl.validation_pictures", "clip_pl.zero_shot", "clip_pl.suite"],
+        "clip_pl.loggers", "clip_pl.validation_pictures", "clip_pl.zero_shot", "clip_pl.suite", "clip_pl.fsdp"],
     # applications: command-line tools and the training entry point
     4: ["clip_pl", "clip_pl.evaluate", "clip_pl.predict", "train", "command_line"],
 }
