@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU measurements of benchmarks/RESULTS.md, as run on an H100 (see RESULTS.md for the
-# environment). Usage: bash benchmarks/gpu.sh [throughput|mfu|autotune|micro_batch|profile|train|step_sync|one_gpu_ddp|checkpoint|data|suite] ; logs go to $OUT (default ./gpu-logs).
+# environment). Usage: bash benchmarks/gpu.sh [throughput|mfu|autotune|micro_batch|profile|train|step_sync|one_gpu_ddp|fsdp|checkpoint|data|suite] ; logs go to $OUT (default ./gpu-logs).
 #   throughput: train_throughput.py, clip_pl against OpenCLIP (ViT-B/16, micro-batches, RN50)
 #   mfu:        ViT-B/16 eager and compiled (also with CUDA graphs) against OpenCLIP, with device time
 #               by kernel kind (where the step's time goes, and the MFU ceiling of its matrix products)
@@ -11,6 +11,8 @@
 #               eager and compiled
 #   step_sync:  train.py compiled with and without the progress bar (a wait for the GPU every step)
 #   one_gpu_ddp: train.py compiled on one GPU inside DDP and without it
+#   fsdp:       train.py with ViT-L/14 (bf16, batch 64) on one GPU, without and with trainer=fsdp:
+#               samples/s and peak memory, the overhead of FSDP2 where it has nothing to shard across
 #   checkpoint: how long training stops to save ViT-B/16's checkpoint, in the training thread or not
 #   data:       the input pipeline alone on this machine's cores
 #   suite:      the DataComp evaluation suite's images/s and prompts/s for ViT-B/32 and ViT-L/14 in
@@ -104,6 +106,22 @@ step_sync() { compare trainer.enable_progress_bar true false; }
 # One GPU inside DDP (what trainer=gpu once did: gradients copied through
 # DDP's buckets, the model compiled as one graph per bucket) and without it.
 one_gpu_ddp() { compare trainer.strategy ddp auto; }
+
+fsdp() {
+    shards
+    for trainer in gpu fsdp; do
+        train_vit_b16 "$OUT/fsdp_$trainer" model=vit_l14 trainer=$trainer trainer.devices=1 data.batch_size=64 \
+            trainer.max_steps=100 '+callbacks.device_stats={_target_: lightning.pytorch.callbacks.DeviceStatsMonitor}' \
+            2>&1 | tail -2
+        summary "$OUT/fsdp_$trainer"
+        python3 - "$OUT/fsdp_$trainer" <<'PY' | tee -a "$OUT/train.txt"
+import csv, glob, sys
+rows = list(csv.DictReader(open(glob.glob(f"{sys.argv[1]}/csv/version_*/metrics.csv")[0])))
+peak = max(float(v) for r in rows for k, v in r.items() if k.endswith("allocated_bytes.all.peak") and v)
+print(f"{sys.argv[1]}: peak GPU memory allocated {peak / 2**30:.1f} GiB")
+PY
+    done
+}
 
 checkpoint() {
     # How long training stops to save ViT-B/16's checkpoint from the GPU: written in the training

@@ -28,12 +28,19 @@ GLOBAL_BATCH = 8
 TOLERANCE = 1e-5
 
 
-def small_model(seed: int = 0) -> CLIP:
+def small_model(seed: int = 0, grad_checkpointing: bool = False) -> CLIP:
     torch.manual_seed(seed)
     return create_model(
         "tiny",
-        image={"image_size": 32, "model_kwargs": {"patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}},
-        text={"vocab_size": 64, "context_length": 8, "width": 32, "heads": 2, "layers": 2},
+        image={
+            "image_size": 32,
+            "model_kwargs": {"patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2},
+            "grad_checkpointing": grad_checkpointing,
+        },
+        text={
+            "vocab_size": 64, "context_length": 8, "width": 32, "heads": 2, "layers": 2,
+            "grad_checkpointing": grad_checkpointing,
+        },
         embed_dim=16,
     )
 
@@ -69,7 +76,8 @@ def state_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int
 
 
 def _sharded_gradients(
-    rank: int, world_size: int, port: int, out_dir: str, unsynced_block: bool, micro_batch_size: int | None
+    rank: int, world_size: int, port: int, out_dir: str, unsynced_block: bool, micro_batch_size: int | None,
+    grad_checkpointing: bool,
 ) -> None:
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -77,7 +85,8 @@ def _sharded_gradients(
     from clip_pl.module import forward_in_micro_batches
 
     with gloo_group(rank, world_size, port):
-        model = shard_model(small_model(), init_device_mesh("cpu", (world_size,)))
+        model = shard_model(small_model(0, grad_checkpointing), init_device_mesh("cpu", (world_size,))).train()
+        assert model.image_tower.trunk.grad_checkpointing == grad_checkpointing
         if unsynced_block:
             # One block's gradients are no longer reduce-scattered: each rank keeps its own.
             model.image_tower.trunk.blocks[1].set_requires_gradient_sync(False)
@@ -99,18 +108,25 @@ def _sharded_gradients(
             )
 
 
-def sharded_gradients(tmp_path, world_size: int, unsynced_block: bool = False, micro_batch_size: int | None = None):
-    args = (world_size, free_port(), str(tmp_path), unsynced_block, micro_batch_size)
+def sharded_gradients(
+    tmp_path, world_size: int, unsynced_block: bool = False, micro_batch_size: int | None = None,
+    grad_checkpointing: bool = False,
+) -> dict:
+    args = (world_size, free_port(), str(tmp_path), unsynced_block, micro_batch_size, grad_checkpointing)
     torch.multiprocessing.spawn(_sharded_gradients, args=args, nprocs=world_size)
     return torch.load(tmp_path / "sharded.pt")
 
 
-# With 4 ranks each encodes its 2 samples one at a time, recomputed in backward (module.micro_batch_size).
-@pytest.mark.parametrize("world_size, micro_batch_size", [(2, None), (4, 1)])
-def test_fsdp_gradients_equal_the_single_process_global_batch_and_memory_falls(tmp_path, world_size, micro_batch_size):
+# With 2 ranks every block's activations are recomputed in backward (the towers' grad_checkpointing);
+# with 4 each rank encodes its 2 samples one at a time, recomputed in backward (module.micro_batch_size).
+@pytest.mark.parametrize("world_size, micro_batch_size, grad_checkpointing", [(2, None, True), (4, 1, False)])
+def test_fsdp_gradients_equal_the_single_process_global_batch_and_memory_falls(
+    tmp_path, world_size, micro_batch_size, grad_checkpointing
+):
     reference_gradients(str(tmp_path))
     reference = torch.load(tmp_path / "reference.pt")
-    sharded = sharded_gradients(tmp_path, world_size, micro_batch_size=micro_batch_size)
+    sharded = sharded_gradients(tmp_path, world_size, micro_batch_size=micro_batch_size,
+                                grad_checkpointing=grad_checkpointing)
     # Weights, gradients and AdamW's two moments: 16 bytes per parameter in one process; each rank
     # holds its 1/W of them (rows are split in equal chunks, the last ones padded or empty).
     model = small_model()
