@@ -26,16 +26,9 @@ import torch
 import torch.distributed as dist
 
 from clip_pl.distributed import free_port
+from clip_pl.fsdp import held_bytes
 from clip_pl.loss import ClipLoss
 from clip_pl.model import create_model
-
-
-def held_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
-    """Bytes this rank holds of the weights, their gradients and the optimizer state (local shards)."""
-    local = lambda t: t.to_local() if hasattr(t, "to_local") else t  # noqa: E731
-    tensors = list(model.parameters()) + [p.grad for p in model.parameters() if p.grad is not None]
-    tensors += [v for state in optimizer.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
-    return sum(local(t).numel() * local(t).element_size() for t in tensors)
 
 
 def _rank(rank: int, world_size: int, port: int, args: argparse.Namespace, strategy: str, out: str) -> None:
@@ -100,8 +93,8 @@ def main(argv: list[str] | None = None) -> int:
                 with open(out) as f:
                     row = {"ranks": world_size, "strategy": strategy, **json.load(f)}
             rows.append(row)
-            print(f"| {world_size} | {strategy} | {row['held_bytes'] / 2**30:.2f} | {row['peak_rss_bytes'] / 2**30:.2f} "
-                  f"| {row['step_s']:.2f} |", flush=True)
+            held, rss = row["held_bytes"] / 2**30, row["peak_rss_bytes"] / 2**30
+            print(f"| {world_size} | {strategy} | {held:.2f} | {rss:.2f} | {row['step_s']:.2f} |", flush=True)
     if args.output:
         with open(args.output, "w") as f:
             json.dump({"model": args.model, "parameters": params, "batch": args.batch, "rows": rows}, f, indent=1)

@@ -159,7 +159,7 @@ def shape_differences(
     Returns:
         ``(name, shape in the checkpoint, shape in the module)`` sorted by name; ``None`` where absent.
     """
-    return shape_differences_from(_saved_shapes(path), module)
+    return _shape_differences(_saved_shapes(path), module)
 
 
 def state_shape_differences(
@@ -170,13 +170,12 @@ def state_shape_differences(
     Returns:
         ``(name, shape in state, shape in the module)`` sorted by name; ``None`` where absent.
     """
-    return shape_differences_from({name: tensor.shape for name, tensor in state.items()}, module)
+    return _shape_differences({name: tensor.shape for name, tensor in state.items()}, module)
 
 
-def shape_differences_from(
+def _shape_differences(
     theirs: dict[str, torch.Size], module: torch.nn.Module
 ) -> list[tuple[str, torch.Size | None, torch.Size | None]]:
-    """The names whose shape in ``theirs`` differs from ``module``'s state dict, or that only one has."""
     ours = {name: tensor.shape for name, tensor in module.state_dict().items()}
     names = sorted(name for name in theirs.keys() | ours.keys() if theirs.get(name) != ours.get(name))
     return [(name, theirs.get(name), ours.get(name)) for name in names]

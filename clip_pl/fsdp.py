@@ -38,8 +38,8 @@ def image_blocks(trunk: nn.Module) -> list[nn.Module]:
         return list(trunk.blocks)
     if isinstance(getattr(trunk, "stages", None), (nn.Sequential, nn.ModuleList)):
         return list(trunk.stages)
-    layers = [getattr(trunk, f"layer{i}") for i in range(1, 5) if isinstance(getattr(trunk, f"layer{i}", None), nn.Module)]
-    return layers or [trunk]
+    layers = [getattr(trunk, f"layer{i}", None) for i in range(1, 5)]
+    return [layer for layer in layers if isinstance(layer, nn.Module)] or [trunk]
 
 
 def shard_model(model: CLIP, mesh: Any, param_dtype: torch.dtype | None = None) -> CLIP:
@@ -72,9 +72,22 @@ def shard_model(model: CLIP, mesh: Any, param_dtype: torch.dtype | None = None) 
 
 
 def _averaged(grad: torch.Tensor, group: Any, world_size: int) -> torch.Tensor:
-    grad = grad.clone()
+    grad = grad / world_size
     torch.distributed.all_reduce(grad, group=group)
-    return grad / world_size
+    return grad
+
+
+def held_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """Bytes this rank holds of ``model``'s weights, their gradients and the optimizer state.
+
+    Counts a sharded tensor's local shard, so under ``shard_model`` it falls as 1/W.
+    """
+    def local(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+    tensors = list(model.parameters()) + [p.grad for p in model.parameters() if p.grad is not None]
+    tensors += [v for state in optimizer.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
+    return sum(local(t).numel() * local(t).element_size() for t in tensors)
 
 
 def hold_gathered(model: CLIP, hold: bool) -> None:
@@ -90,7 +103,10 @@ def hold_gathered(model: CLIP, hold: bool) -> None:
         if isinstance(module, FSDPModule):
             # The root keeps FSDP's default: gathered from its forward to the backward that follows.
             module.set_reshard_after_forward(not hold and module is not model, recurse=False)
-            module.unshard() if hold else module.reshard()
+            if hold:
+                module.unshard()
+            else:
+                module.reshard()
 
 
 def is_sharded(model: nn.Module) -> bool:
@@ -156,9 +172,6 @@ class FSDP2Strategy(ModelParallelStrategy):
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
         self._sharded_io.save_checkpoint(checkpoint, self.broadcast(str(filepath)))
 
-    def remove_checkpoint(self, filepath: Any) -> None:
-        self._sharded_io.remove_checkpoint(self.broadcast(str(filepath)))
-
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
@@ -170,8 +183,10 @@ class FSDP2Strategy(ModelParallelStrategy):
         path = self.broadcast(str(checkpoint_path))
         if is_sharded_checkpoint(path):
             return super().load_checkpoint(path, weights_only=weights_only)
-        # A whole checkpoint (DDP's): every rank reads the file and keeps its shards. Lightning 2.6's
-        # own path loads it parameter by parameter and failed here on the patch embedding's weight.
+        # A whole checkpoint (DDP's): every rank reads the file and keeps its shards. Lightning 2.6.6's
+        # own path loads it parameter by parameter with broadcast_from_rank0
+        # (https://github.com/Lightning-AI/pytorch-lightning/pull/19870) and failed here with a size
+        # mismatch on the patch embedding's weight; loading the whole state dict at once does not.
         checkpoint = read_checkpoint(path)
         options = StateDictOptions(full_state_dict=True)
         set_model_state_dict(self.model, checkpoint.pop("state_dict"), options=options)

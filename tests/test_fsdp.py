@@ -67,21 +67,13 @@ def reference_gradients(out_dir: str) -> None:
     torch.save({"loss": loss.detach(), "grads": grads}, os.path.join(out_dir, "reference.pt"))
 
 
-def state_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
-    """Bytes this rank holds of the weights, their gradients and the optimizer state."""
-    local = lambda t: t.to_local() if hasattr(t, "to_local") else t  # noqa: E731
-    tensors = [p for p in model.parameters()] + [p.grad for p in model.parameters() if p.grad is not None]
-    tensors += [v for state in optimizer.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
-    return sum(local(t).numel() * local(t).element_size() for t in tensors)
-
-
 def _sharded_gradients(
     rank: int, world_size: int, port: int, out_dir: str, unsynced_block: bool, micro_batch_size: int | None,
     grad_checkpointing: bool,
 ) -> None:
     from torch.distributed.device_mesh import init_device_mesh
 
-    from clip_pl.fsdp import shard_model
+    from clip_pl.fsdp import held_bytes, shard_model
     from clip_pl.module import forward_in_micro_batches
 
     with gloo_group(rank, world_size, port):
@@ -99,7 +91,7 @@ def _sharded_gradients(
         params = {name: whole(p).detach() for name, p in model.named_parameters()}
         optimizer = torch.optim.AdamW(model.parameters())
         optimizer.step()
-        most_bytes = torch.tensor(state_bytes(model, optimizer))
+        most_bytes = torch.tensor(held_bytes(model, optimizer))
         dist.all_reduce(most_bytes, op=dist.ReduceOp.MAX)
         if rank == 0:
             torch.save(
@@ -206,7 +198,8 @@ def _sharded_run(rank: int, world_size: int, port: int, out_dir: str, phase: str
             _step(holder, optimizer, 1, rank, world_size)  # while the checkpoint is written
             io.teardown()
         else:
-            _load_checkpoint(Path(path), {"state_dict": holder, "optimizer_0": optimizer}, optimizer_states_from_list=True)
+            state = {"state_dict": holder, "optimizer_0": optimizer}
+            _load_checkpoint(Path(path), state, optimizer_states_from_list=True)
             saved = _whole_state(holder, optimizer)
             if phase == "killed":
                 # Killed while writing the next checkpoint: every rank's shards written, not committed.
@@ -225,7 +218,10 @@ def _sharded_run(rank: int, world_size: int, port: int, out_dir: str, phase: str
 def checkpoint_at(holder: Holder, optimizer: torch.optim.Optimizer) -> dict:
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
-    return {"state_dict": get_model_state_dict(holder), "optimizer_states": [get_optimizer_state_dict(holder, optimizer)]}
+    return {
+        "state_dict": get_model_state_dict(holder),
+        "optimizer_states": [get_optimizer_state_dict(holder, optimizer)],
+    }
 
 
 def run_phase(tmp_path, phase: str, world_size: int) -> dict:
@@ -332,4 +328,5 @@ def test_trainer_fsdp_trains_as_ddp_and_resumes_without_it_and_the_other_way_rou
 def test_trainer_fsdp_refuses_compile_in_one_line(demo_overrides, tmp_path):
     result = run_cli([*demo_overrides, *FSDP_ON_CPU, "module.compile=true", f"run_dir={tmp_path}"])
     assert result.returncode == 2, result.stderr[-3000:]
-    assert result.stderr.strip().splitlines()[-1] == "error: trainer=fsdp does not compile the model yet: set module.compile=false"
+    line = "error: trainer=fsdp does not compile the model yet: set module.compile=false"
+    assert result.stderr.strip().splitlines()[-1] == line
