@@ -27,19 +27,19 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from omegaconf import DictConfig, OmegaConf
 
-from clip_pl.callbacks import SaveOnInterrupt, StopOnSigterm, interrupted_by
-from clip_pl.checkpoint import AtomicCheckpointIO, checkpoint_step, shape_differences
-from clip_pl.openclip_models import openclip_model_config
-from clip_pl.pretrained import init_from_pretrained
-from clip_pl.progress import ProgressBar
-from clip_pl.run_dir import (
+from clip_pl.model_files.checkpoint import AtomicCheckpointIO, checkpoint_step, shape_differences
+from clip_pl.model_files.openclip_models import openclip_model_config
+from clip_pl.model_files.pretrained import init_from_pretrained
+from clip_pl.training.callbacks import SaveOnInterrupt, StopOnSigterm, interrupted_by
+from clip_pl.training.progress import ProgressBar
+from clip_pl.training.run_dir import (
     config_changes,
     format_metrics,
     last_checkpoint_path,
     read_final_metrics,
     write_final_metrics,
 )
-from clip_pl.slurm import RequeueOnSignal, check_task_layout, is_slurm_task, stopped_for_requeue
+from clip_pl.training.slurm import RequeueOnSignal, check_task_layout, is_slurm_task, stopped_for_requeue
 from command_line import check_overrides
 from data_pipelines.atomic import atomic_output, remove_stale_temporaries
 from data_pipelines.errors import USER_ERRORS, report_user_error, user_error_line

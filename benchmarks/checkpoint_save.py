@@ -1,7 +1,7 @@
 """How long training stops to save a checkpoint: written in the training thread or in the background.
 
 A training-sized checkpoint (a named model's weights and AdamW's two moments, as Lightning saves
-them) goes through ``clip_pl.checkpoint.AtomicCheckpointIO`` with ``async_save`` off and on,
+them) goes through ``clip_pl.model_files.checkpoint.AtomicCheckpointIO`` with ``async_save`` off and on,
 alternating. "stop" is the time ``save_checkpoint`` takes, i.e. how long training waits; "on disk"
 is the time until the file is complete (``wait`` returns). On a GPU the tensors are on the device,
 so the background variant's stop is the copy to host memory.
@@ -20,8 +20,8 @@ import time
 
 import torch
 
-from clip_pl.checkpoint import AtomicCheckpointIO
 from clip_pl.model import create_model
+from clip_pl.model_files.checkpoint import AtomicCheckpointIO
 
 
 def training_checkpoint(model_name: str, device: str) -> dict:

@@ -1,6 +1,6 @@
 """Per-rank memory and step time, DDP against FSDP2, on CPU gloo processes.
 
-Each rank builds the same model, wraps it with DDP or shards it with ``clip_pl.fsdp.shard_model``,
+Each rank builds the same model, wraps it with DDP or shards it with ``clip_pl.training.fsdp.shard_model``,
 and trains a few steps of the exact contrastive loss on random batches with AdamW. Reported per
 rank: the bytes of weights, gradients and optimizer state it holds (the part FSDP divides by the
 number of ranks), its peak resident memory (which also holds activations, buffers, the Python
@@ -26,9 +26,9 @@ import torch
 import torch.distributed as dist
 
 from clip_pl.distributed import free_port
-from clip_pl.fsdp import held_bytes
 from clip_pl.loss import ClipLoss
 from clip_pl.model import create_model
+from clip_pl.training.fsdp import held_bytes
 
 
 def _rank(rank: int, world_size: int, port: int, args: argparse.Namespace, strategy: str, out: str) -> None:
@@ -42,7 +42,7 @@ def _rank(rank: int, world_size: int, port: int, args: argparse.Namespace, strat
     else:
         from torch.distributed.device_mesh import init_device_mesh
 
-        from clip_pl.fsdp import shard_model
+        from clip_pl.training.fsdp import shard_model
 
         wrapped = shard_model(model, init_device_mesh("cpu", (world_size,)))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)

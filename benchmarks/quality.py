@@ -17,7 +17,7 @@ tokenizer trained on the training captions; OpenCLIP its own BPE (vocabulary 494
 is reproducible from its seed; an OpenCLIP run is not quite: its sample shuffle buffer is seeded
 from the process id and the clock.
 
-Both are evaluated by the same code, ``clip_pl.zero_shot``, every ``--eval-every`` steps:
+Both are evaluated by the same code, ``clip_pl.evaluation.zero_shot``, every ``--eval-every`` steps:
 zero-shot top-1 on the held-out images for the digit (10 classes, chance 10%) and the colour
 (6 classes, chance 16.7%), with prompts that never equal a training caption ("a handwritten {}",
 "a {} handwritten"), and image-text retrieval recall on the validation pairs. clip_pl computes them
@@ -71,8 +71,8 @@ try:
 except ImportError as e:
     sys.exit(f'error: {e.name} is missing; this benchmark needs scikit-learn and OpenCLIP: pip install -e ".[dev]"')
 
-from clip_pl.metrics import retrieval_recall
-from clip_pl.zero_shot import ZeroShotTask, run_retrieval
+from clip_pl.evaluation.metrics import retrieval_recall
+from clip_pl.evaluation.zero_shot import ZeroShotTask, run_retrieval
 from data_pipelines.datamodule import ShardDataModule
 from data_pipelines.make_shards import Pair, write_shards
 from data_pipelines.samples import read_samples
@@ -239,7 +239,7 @@ def _fresh(directory: str) -> str:
 def run_clip_pl(args: argparse.Namespace, data: dict[str, str], seed: int) -> dict:
     """Trains with ``python train.py``; returns its metrics per evaluation point from metrics.csv."""
     run_dir = _fresh(os.path.join(args.out, "runs", args.label, f"seed{seed}"))
-    tasks = [{"_target_": "clip_pl.zero_shot.ZeroShotTask", **task} for task in zero_shot_tasks(data["val"])]
+    tasks = [{"_target_": "clip_pl.evaluation.zero_shot.ZeroShotTask", **task} for task in zero_shot_tasks(data["val"])]
     overrides = {
         "data": "webdataset",
         "data.train_shards": _hydra_value(data["train"]),
@@ -350,11 +350,11 @@ def run_openclip(args: argparse.Namespace, data: dict[str, str], seed: int, conf
 
 
 # --------------------------------------------------------------------------------------------
-# OpenCLIP evaluated by clip_pl.zero_shot
+# OpenCLIP evaluated by clip_pl.evaluation.zero_shot
 
 
 class OpenCLIPForEvaluation(nn.Module):
-    """An OpenCLIP model with what ``clip_pl.zero_shot`` asks of a clip_pl ``CLIP``.
+    """An OpenCLIP model with what ``clip_pl.evaluation.zero_shot`` asks of a clip_pl ``CLIP``.
 
     Args:
         model: The OpenCLIP CLIP model.

@@ -1,8 +1,8 @@
-"""How long the DataComp suite (``clip_pl/suites/datacomp.yaml``) takes for one model, from measured rates.
+"""How long the DataComp suite (``clip_pl/evaluation/suites/datacomp.yaml``) takes for one model, from measured rates.
 
 The suite's cost is its images (about 613,000, each decoded, resized and embedded once) and its
 prompts (class names x templates, and the retrieval captions, each embedded once). Both rates are
-measured here through the suite's own code (``clip_pl.suite.Suite.run``) on a generated set in
+measured here through the suite's own code (``clip_pl.evaluation.suite.Suite.run``) on a generated set in
 clip_benchmark's layout: JPEGs of 256-512 px for the images, and for the prompts a set of 1,000
 classes under the templates file's prompts. The suite's time is then images / images-per-second
 + prompts / prompts-per-second, with the image and class counts of DataComp's task list and the
@@ -26,8 +26,8 @@ import torch
 import webdataset as wds
 from PIL import Image
 
+from clip_pl.evaluation.suite import Suite, SuiteDataset
 from clip_pl.model import create_model
-from clip_pl.suite import Suite, SuiteDataset
 from data_pipelines.tokenizer import Tokenizer, train_sentencepiece
 
 # DataComp's task list (tasklist.yml): test images and classes of the suite's 31 classification

@@ -89,8 +89,8 @@ from torch import nn
 from clip_pl.flops import dense_peak_flops, flop_counter
 from clip_pl.loss import ClipLoss
 from clip_pl.model import CLIP, create_model, list_models
-from clip_pl.module import CLIPModule, forward_in_micro_batches
-from clip_pl.optim import OptimizerConfig, build_optimizer
+from clip_pl.training.module import CLIPModule, forward_in_micro_batches
+from clip_pl.training.optim import OptimizerConfig, build_optimizer
 
 FRAMEWORKS = ("clip_pl", "openclip")
 OPTIONS = (

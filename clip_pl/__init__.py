@@ -9,10 +9,10 @@ __all__ = ["CLIP", "CLIPConfig", "Tokenizer", "create_model", "list_models", "lo
 
 
 def __getattr__(name: str) -> Any:
-    # clip_pl.loading imports clip_pl.export; imported with the package, `python -m clip_pl.export`
-    # would find its module loaded already and warn (runpy's RuntimeWarning).
+    # Imported on first use: model files bring Lightning (the checkpoint IO plugins), which building a
+    # model does not need.
     if name == "load":
-        from clip_pl.loading import load
+        from clip_pl.model_files.load import load
 
         return load
     raise AttributeError(f"module 'clip_pl' has no attribute {name!r}")

@@ -11,7 +11,7 @@ Usage::
     python -m clip_pl.evaluate --checkpoint last.ckpt --retrieval-shards "coco-val-{000..004}.tar" --json
     python -m clip_pl.evaluate --checkpoint ViT-B-32.pt --zero-shot-folder imagenet/val   # OpenAI's file
 
-A suite (``clip_pl.suite``) runs a list of datasets in clip_benchmark's WebDataset layout, prints a
+A suite (``clip_pl.evaluation.suite``) runs a list of datasets in clip_benchmark's WebDataset layout, prints a
 table and writes every number, and the suite's average, to a JSON file. Otherwise zero-shot data
 is a folder with one sub-folder per class, or shards with a class index per sample; retrieval data
 is image-caption shards, one caption per image, read by the same code as training's validation.
@@ -30,10 +30,10 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from clip_pl.loading import add_model_arguments, load
+from clip_pl.evaluation.suite import PRECISIONS, Suite, SuiteResult, shipped_suites
+from clip_pl.evaluation.zero_shot import ZeroShotTask, resolve_templates, run_retrieval
 from clip_pl.model import CLIP
-from clip_pl.suite import PRECISIONS, Suite, SuiteResult, shipped_suites
-from clip_pl.zero_shot import ZeroShotTask, resolve_templates, run_retrieval
+from clip_pl.model_files.load import add_model_arguments, load
 from data_pipelines.atomic import atomic_output
 from data_pipelines.errors import USER_ERRORS, report_user_error
 from data_pipelines.pipeline import ValStream, make_decoder, select_val_shards

@@ -1,197 +1,29 @@
-"""The exported model: one self-contained ``.safetensors`` file for inference.
-
-The file holds the model weights (state dict keys of ``CLIP``, no ``model.`` prefix) and, in the
-safetensors string metadata, everything else needed to rebuild the model:
-
-- ``format``: ``"clip_pl"``, and ``format_version``: ``"1"``;
-- ``model_config``: ``CLIPConfig.to_dict()`` as JSON;
-- ``tokenizer_kind``: ``"sentencepiece"`` (the default when absent) or ``"openclip_bpe"``;
-- ``tokenizer_model``: the SentencePiece model bytes, or the gzipped BPE merges file, base64;
-- ``tokenizer_context_length`` and ``tokenizer_lowercase`` (``"true"``/``"false"``; always
-  ``"false"`` for ``openclip_bpe``, which lowercases as part of its own clean-up).
-
-Unlike a training checkpoint it carries no optimizer state and reading it never unpickles
-anything, so it is safe to load from an untrusted source.
-
-Usage::
+"""``python -m clip_pl.export``: a training checkpoint as one self-contained ``.safetensors`` file.
 
     python -m clip_pl.export checkpoints/last.ckpt model.safetensors
 
-``--format open_clip`` writes a folder for open_clip instead (``clip_pl.export_openclip``)::
+``--format open_clip`` writes a folder for open_clip instead (``clip_pl.model_files.export_openclip``)::
 
     python -m clip_pl.export --format open_clip checkpoints/last.ckpt model_dir
+
+The file format is ``clip_pl.model_files.export``.
 """
 
 from __future__ import annotations
 
 import argparse
-import base64
-import binascii
-import json
 import os
-import struct
 import sys
 import warnings
 
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
-
-from clip_pl.checkpoint import model_from_checkpoint, read_checkpoint
-from clip_pl.model import CLIP, CLIPConfig
-from data_pipelines.atomic import atomic_output
+from clip_pl.model_files.export import FORMAT, export_model
+from clip_pl.model_files.export_openclip import TOKENIZER_FILE, WEIGHTS_FILE, export_openclip_file
+from clip_pl.model_files.load import read_model_file
+from clip_pl.model_files.openclip_models import CONFIG_FILE
 from data_pipelines.errors import USER_ERRORS, report_user_error
-from data_pipelines.tokenizer import TextTokenizer, Tokenizer, tokenizer_from_state_dict
-
-FORMAT = "clip_pl"
-FORMAT_VERSION = "1"
-_REQUIRED_METADATA = ("model_config", "tokenizer_model", "tokenizer_context_length", "tokenizer_lowercase")
-
-
-def is_safetensors_file(path: str | os.PathLike) -> bool:
-    """Whether ``path`` starts like a safetensors file: a little-endian u64 header size, then ``{``.
-
-    Torch checkpoints start with ``PK`` (zip) or a pickle opcode, so this tells them apart; the size
-    is not checked against the file's, so a truncated export is still reported as one.
-    """
-    with open(path, "rb") as f:
-        head = f.read(9)
-    return len(head) == 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] > 1
-
-
-def _tokenizer_bytes(tokenizer: TextTokenizer) -> bytes:
-    state = tokenizer.state_dict()
-    return state["model_proto"] if tokenizer.kind == Tokenizer.kind else state["merges"]
-
-
-def export_model(model: CLIP, tokenizer: TextTokenizer, path: str | os.PathLike) -> None:
-    """Writes ``model`` and ``tokenizer`` to one safetensors file.
-
-    The file is written next to ``path`` and renamed into place, so an interrupted export never
-    leaves a truncated file behind.
-    """
-    config = CLIPConfig.from_dict(model.config.to_dict())
-    # The trunk weights are in the file; a path to the original weights would be meaningless elsewhere.
-    config.image.weights = None
-    metadata = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "model_config": json.dumps(config.to_dict()),
-        "tokenizer_kind": tokenizer.kind,
-        "tokenizer_model": base64.b64encode(_tokenizer_bytes(tokenizer)).decode("ascii"),
-        "tokenizer_context_length": str(tokenizer.context_length),
-        "tokenizer_lowercase": "true" if getattr(tokenizer, "lowercase", False) else "false",
-    }
-    # safetensors stores plain contiguous buffers; views and non-contiguous tensors must be copied.
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
-    with atomic_output(path) as tmp:
-        save_file(tensors, tmp, metadata=metadata)
-
-
-def export_checkpoint(checkpoint_path: str | os.PathLike, output: str | os.PathLike) -> None:
-    """Converts a training checkpoint (``.ckpt``) into an exported ``.safetensors`` file."""
-    model, tokenizer = model_from_checkpoint(read_checkpoint(checkpoint_path))
-    export_model(model, tokenizer, output)
-
-
-def _bad(path: str, what: str) -> ValueError:
-    return ValueError(
-        f"{path!r} is not a valid clip_pl export: {what}. Re-export it with "
-        "`python -m clip_pl.export CHECKPOINT.ckpt OUT.safetensors`"
-    )
-
-
-def _tokenizer_from_metadata(path: str, metadata: dict[str, str]) -> TextTokenizer:
-    try:
-        model_proto = base64.b64decode(metadata["tokenizer_model"], validate=True)
-    except binascii.Error as e:
-        raise _bad(path, f"tokenizer_model is not base64 ({e})") from None
-    try:
-        context_length = int(metadata["tokenizer_context_length"])
-    except ValueError:
-        raise _bad(
-            path, f"tokenizer_context_length {metadata['tokenizer_context_length']!r} is not an integer"
-        ) from None
-    lowercase = metadata["tokenizer_lowercase"]
-    if lowercase not in ("true", "false"):
-        raise _bad(path, f"tokenizer_lowercase must be 'true' or 'false', got {lowercase!r}")
-    kind = metadata.get("tokenizer_kind", Tokenizer.kind)
-    if kind == Tokenizer.kind:
-        state = {"model_proto": model_proto, "lowercase": lowercase == "true"}
-    else:
-        state = {"merges": model_proto}
-    try:
-        return tokenizer_from_state_dict({**state, "kind": kind, "context_length": context_length})
-    except (RuntimeError, ValueError) as e:
-        raise _bad(path, f"the tokenizer cannot be rebuilt ({e})") from None
-
-
-def _config_from_metadata(path: str, metadata: dict[str, str]) -> CLIPConfig:
-    try:
-        config = CLIPConfig.from_dict(json.loads(metadata["model_config"]))
-    except json.JSONDecodeError as e:
-        raise _bad(path, f"model_config is not JSON ({e})") from None
-    except (TypeError, AttributeError, ValueError) as e:
-        raise _bad(path, f"model_config does not describe a CLIPConfig ({e})") from None
-    config.image.weights = None
-    return config
-
-
-def read_exported(path: str | os.PathLike) -> tuple[CLIP, TextTokenizer]:
-    """Rebuilds the model (eval mode, on CPU) and tokenizer from an exported file.
-
-    Raises:
-        ValueError: The file is not a clip_pl export, or its metadata or weights are inconsistent.
-    """
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"exported model {path!r} not found")
-    if not is_safetensors_file(path):
-        raise _bad(path, "it is not a safetensors file")
-    try:
-        with safe_open(path, framework="pt", device="cpu") as f:
-            metadata = f.metadata() or {}
-            state = {k: f.get_tensor(k) for k in f.keys()}
-    except SafetensorError as e:
-        raise _bad(path, f"safetensors cannot read it ({e})") from None
-    if metadata.get("format") != FORMAT:
-        raise _bad(path, f"its metadata 'format' is {metadata.get('format')!r}, expected {FORMAT!r}")
-    if metadata.get("format_version") != FORMAT_VERSION:
-        raise _bad(
-            path,
-            f"format_version {metadata.get('format_version')!r} is not supported by this clip_pl "
-            f"(it reads version {FORMAT_VERSION})",
-        )
-    missing = [k for k in _REQUIRED_METADATA if k not in metadata]
-    if missing:
-        raise _bad(path, f"its metadata lacks {', '.join(missing)}")
-    tokenizer = _tokenizer_from_metadata(path, metadata)
-    config = _config_from_metadata(path, metadata)
-    if tokenizer.vocab_size > config.text.vocab_size:
-        raise _bad(
-            path,
-            f"its tokenizer has {tokenizer.vocab_size} pieces but the text tower only "
-            f"{config.text.vocab_size} token embeddings",
-        )
-    model = CLIP(config)
-    try:
-        # strict=False so that the error below can say what is missing and what is extra.
-        result = model.load_state_dict(state, strict=False)
-    except RuntimeError as e:  # Shape mismatches are raised even when strict=False.
-        raise _bad(path, f"its weights do not fit its model_config ({e})") from None
-    if result.missing_keys or result.unexpected_keys:
-        raise _bad(
-            path,
-            f"its weights do not fit its model_config ({len(result.missing_keys)} missing, e.g. "
-            f"{result.missing_keys[:3]}; {len(result.unexpected_keys)} unexpected, e.g. {result.unexpected_keys[:3]})",
-        )
-    return model.eval(), tokenizer
 
 
 def _export_openclip(source: str, directory: str) -> None:
-    # Imported here: export_openclip reads models through clip_pl.loading, which imports this module.
-    from clip_pl.export_openclip import TOKENIZER_FILE, WEIGHTS_FILE, export_openclip_file
-    from clip_pl.openclip_models import CONFIG_FILE
-
     # Recorded rather than shown, so that each becomes one plain line after the summary.
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)
@@ -229,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.format == "open_clip":
             _export_openclip(args.checkpoint, args.output)
             return 0
-        export_checkpoint(args.checkpoint, args.output)
+        file = read_model_file(args.checkpoint)
+        export_model(file.build(), file.tokenizer, args.output)
     except USER_ERRORS as e:
         return report_user_error(e)
     size_mb = os.path.getsize(args.output) / 2**20

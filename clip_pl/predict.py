@@ -24,9 +24,9 @@ from collections.abc import Callable, Sequence
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from clip_pl.loading import add_model_arguments, load
+from clip_pl.evaluation.zero_shot import build_zero_shot_classifier, resolve_templates
 from clip_pl.model import CLIP
-from clip_pl.zero_shot import build_zero_shot_classifier, resolve_templates
+from clip_pl.model_files.load import add_model_arguments, load
 from data_pipelines.errors import USER_ERRORS, report_user_error
 from data_pipelines.tokenizer import Tokenizer
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import lightning as L
 
-from clip_pl.callbacks import TrainingSpeedMonitor
+from clip_pl.training.callbacks import TrainingSpeedMonitor
 
 
 class SignalAtSteps(TrainingSpeedMonitor):

@@ -20,7 +20,7 @@ from tiny_clip import write_checkpoint
 
 from clip_pl import evaluate
 from clip_pl.export import main as export_main
-from clip_pl.openclip_models import load_openclip
+from clip_pl.model_files.openclip_models import load_openclip
 from data_pipelines.transforms import image_transform
 
 clip_benchmark_builder = pytest.importorskip("clip_benchmark.datasets.builder")

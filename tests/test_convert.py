@@ -3,8 +3,10 @@ import torch
 from tiny_clip import make_model, make_tokenizer, write_checkpoint
 
 from clip_pl import convert
-from clip_pl.export import export_model
 from clip_pl.model import CLIP, create_model
+from clip_pl.model_files import convert as mapping
+from clip_pl.model_files.export import export_model
+from clip_pl.model_files.pretrained import load_towers
 
 # Both sides get a one-block text tower: only the image towers are compared, and the full text
 # towers would double the time spent on random initialisation.
@@ -34,7 +36,7 @@ def ours_b32():
 
 def test_openclip_vit_b32_matches(openclip_b32, ours_b32):
     # A "module." prefix (DistributedDataParallel checkpoints) is accepted.
-    convert.load_openclip_image_tower(ours_b32, {f"module.{k}": v for k, v in openclip_b32.state_dict().items()})
+    mapping.load_openclip_image_tower(ours_b32, {f"module.{k}": v for k, v in openclip_b32.state_dict().items()})
     torch.manual_seed(1)
     images = torch.randn(2, 3, 224, 224)
     with torch.no_grad():
@@ -52,7 +54,7 @@ def test_openclip_vit_b16_maps_every_trunk_tensor(open_clip):
     state = {f"visual.{k}": v for k, v in visual.state_dict().items()}
     with torch.device("meta"):
         tower = create_model("vit_b16", text=OUR_SMALL_TEXT).image_tower
-    converted = convert.convert_openclip_image_tower(state, tower)
+    converted = mapping.convert_openclip_image_tower(state, tower)
     assert {k: v.shape for k, v in converted.items()} == {k: v.shape for k, v in tower.state_dict().items()}
     assert converted["trunk.patch_embed.proj.weight"].shape == (768, 3, 16, 16)
     assert torch.equal(converted["trunk.patch_embed.proj.weight"], visual.conv1.weight)
@@ -93,32 +95,32 @@ def test_convert_cli_writes_trunk_weights_for_training(open_clip, tmp_path, caps
 
 def test_other_vit_size_is_refused(openclip_b32):
     with pytest.raises(ValueError, match="width 768, 12 blocks, patch 32, but the image tower .* width 128, 4 blocks"):
-        convert.load_openclip_image_tower(create_model("tiny"), openclip_b32.state_dict())
+        mapping.load_openclip_image_tower(create_model("tiny"), openclip_b32.state_dict())
 
 
 def test_embed_dim_mismatch_is_refused(openclip_b32, ours_b32):
     state = dict(openclip_b32.state_dict())
     state["visual.proj"] = torch.zeros(768, 256)
     with pytest.raises(ValueError, match="build the model with embed_dim=256"):
-        convert.load_openclip_image_tower(ours_b32, state)
+        mapping.load_openclip_image_tower(ours_b32, state)
 
 
 def test_non_vit_weights_are_refused():
     resnet_like = {"visual.layer1.0.conv1.weight": torch.zeros(1), "text_projection": torch.zeros(1)}
     tower = create_model("tiny").image_tower
     with pytest.raises(ValueError, match="ResNet"):
-        convert.convert_openclip_image_tower(resnet_like, tower)
+        mapping.convert_openclip_image_tower(resnet_like, tower)
 
 
 def test_text_tower_of_another_size_is_refused_with_the_config_to_change(openclip_b32, ours_b32):
     state = {**openclip_b32.state_dict(), "token_embedding.weight": torch.zeros(32, 64)}  # another vocabulary
     with pytest.raises(ValueError, match=r"text_tower .* does not fit this model \(\d+ tensors differ, first text_tower\.\S+: \[.*\] there, \[.*\] here\); build the model with that model's text config"):
-        convert.load_openclip_model(ours_b32, state)
+        mapping.load_openclip_model(ours_b32, state)
 
 
 def test_a_state_dict_without_text_tower_is_refused():
     with pytest.raises(ValueError, match="no OpenAI/OpenCLIP text transformer"):
-        convert.convert_openclip_text_tower({"visual.class_embedding": torch.zeros(4)})
+        mapping.convert_openclip_text_tower({"visual.class_embedding": torch.zeros(4)})
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +138,7 @@ def test_load_one_tower_from_our_model_file(two_models, filename):
     source, _, tokenizer, directory = two_models
     target = make_model(tokenizer, seed=4)
     text_before = {k: v.clone() for k, v in target.text_tower.state_dict().items()}
-    convert.load_towers(target, directory / filename, towers=["image_tower"])
+    load_towers(target, directory / filename, towers=["image_tower"])
     for key, value in source.image_tower.state_dict().items():
         assert torch.equal(target.image_tower.state_dict()[key], value)
     for key, value in target.text_tower.state_dict().items():
@@ -148,6 +150,6 @@ def test_load_towers_errors(two_models):
     _, _, tokenizer, directory = two_models
     wider = create_model("tiny", embed_dim=32, text={"vocab_size": tokenizer.vocab_size, "context_length": 32})
     with pytest.raises(ValueError, match="the text_tower of .* does not fit this model"):
-        convert.load_towers(wider, directory / "source.ckpt", towers=["text_tower"])
+        load_towers(wider, directory / "source.ckpt", towers=["text_tower"])
     with pytest.raises(ValueError, match="towers must be"):
-        convert.load_towers(wider, directory / "source.ckpt", towers=["vision"])
+        load_towers(wider, directory / "source.ckpt", towers=["vision"])

@@ -6,15 +6,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 import webdataset as wds
-from PIL import Image
 from gloo import gloo_group
+from PIL import Image
 from tiny_clip import CONTEXT_LENGTH, make_image_folder, make_model, make_tokenizer, random_image, write_checkpoint
 from torch.utils.data import DataLoader
 
 from clip_pl import evaluate
 from clip_pl.distributed import free_port
-from clip_pl.metrics import accuracy, retrieval_recall
-from clip_pl.zero_shot import (
+from clip_pl.evaluation.metrics import accuracy, retrieval_recall
+from clip_pl.evaluation.zero_shot import (
     DEFAULT_TEMPLATES,
     ZeroShotTask,
     build_zero_shot_classifier,

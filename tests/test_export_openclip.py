@@ -10,14 +10,14 @@ import open_clip
 import pytest
 import torch
 from safetensors.torch import save_file
+from test_openclip_models import CAPTIONS, small
+from tiny_clip import CONTEXT_LENGTH, make_model, make_tokenizer, write_checkpoint
 
 from clip_pl.export import main
 from clip_pl.model import create_model
-from clip_pl.openclip_models import create_model_from_openclip, load_openclip
+from clip_pl.model_files.openclip_models import create_model_from_openclip, load_openclip
 from data_pipelines.openclip_tokenizer import OpenCLIPTokenizer
 from data_pipelines.tokenizer import Tokenizer
-from test_openclip_models import CAPTIONS, small
-from tiny_clip import CONTEXT_LENGTH, make_model, make_tokenizer, write_checkpoint
 
 IMAGE_SIZE = 64
 

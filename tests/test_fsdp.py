@@ -12,12 +12,12 @@ import pytest
 import torch
 import torch.distributed as dist
 from gloo import gloo_group
+from test_train import demo_overrides, run_cli  # noqa: F401 (demo_overrides is a fixture)
 
-from clip_pl.checkpoint import read_checkpoint
 from clip_pl.distributed import free_port
 from clip_pl.loss import ClipLoss
 from clip_pl.model import CLIP, create_model
-from test_train import demo_overrides, run_cli  # noqa: F401 (demo_overrides is a fixture)
+from clip_pl.model_files.checkpoint import read_checkpoint
 
 pytestmark = pytest.mark.skipif(
     not hasattr(torch.distributed, "fsdp") or not hasattr(torch.distributed.fsdp, "fully_shard"),
@@ -73,8 +73,8 @@ def _sharded_gradients(
 ) -> None:
     from torch.distributed.device_mesh import init_device_mesh
 
-    from clip_pl.fsdp import held_bytes, shard_model
-    from clip_pl.module import forward_in_micro_batches
+    from clip_pl.training.fsdp import held_bytes, shard_model
+    from clip_pl.training.module import forward_in_micro_batches
 
     with gloo_group(rank, world_size, port):
         model = shard_model(small_model(0, grad_checkpointing), init_device_mesh("cpu", (world_size,))).train()
@@ -175,8 +175,8 @@ def _sharded_run(rank: int, world_size: int, port: int, out_dir: str, phase: str
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
     from torch.distributed.device_mesh import init_device_mesh
 
-    from clip_pl.checkpoint import ShardedCheckpointIO
-    from clip_pl.fsdp import shard_model
+    from clip_pl.model_files.checkpoint import ShardedCheckpointIO
+    from clip_pl.training.fsdp import shard_model
 
     path = os.path.join(out_dir, "checkpoints", "last.ckpt")
     with gloo_group(rank, world_size, port):
@@ -257,7 +257,7 @@ def assert_states_close(actual: dict, expected: dict, tolerance: float = TOLERAN
 
 
 def test_a_sharded_checkpoint_survives_a_kill_and_resumes_on_other_world_sizes_as_an_uninterrupted_run(tmp_path):
-    from clip_pl.checkpoint import checkpoint_step
+    from clip_pl.model_files.checkpoint import checkpoint_step
 
     uninterrupted = run_phase(tmp_path, "save", 2)
     checkpoints = tmp_path / "checkpoints"
@@ -290,7 +290,7 @@ def train_losses(run_dir) -> list[float]:
 
 
 def test_trainer_fsdp_trains_as_ddp_and_resumes_without_it_and_the_other_way_round(demo_overrides, tmp_path):
-    from clip_pl.loading import load_model
+    from clip_pl.model_files.load import load_model
 
     # The demo's one validation shard leaves rank 1 without validation batches: sharded evaluation
     # must not wait for it.
@@ -311,9 +311,10 @@ def test_trainer_fsdp_trains_as_ddp_and_resumes_without_it_and_the_other_way_rou
     # The sharded checkpoint exports (and loads) like any other.
     exported = tmp_path / "model.safetensors"
     assert subprocess.run([sys.executable, "-m", "clip_pl.export", str(sharded_path), str(exported)]).returncode == 0
-    model, _ = load_model(exported)
-    for name, tensor in model.state_dict().items():
-        torch.testing.assert_close(tensor, sharded["model." + name], rtol=0, atol=0)
+    for path in (exported, sharded_path):
+        model, _ = load_model(path)
+        for name, tensor in model.state_dict().items():
+            torch.testing.assert_close(tensor, sharded["model." + name], rtol=0, atol=0)
 
     # Resumed without FSDP on one process, and a DDP run resumed under FSDP.
     for name, overrides in (("fsdp", []), ("ddp", FSDP_ON_CPU)):

@@ -16,13 +16,13 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from signal_probe import SignalAtSteps
 from test_train import compose_train, demo_overrides  # noqa: F401 (a fixture)
 
 import train
-from clip_pl.callbacks import LastCheckpointSchedule, interrupted_by
-from clip_pl.checkpoint import read_checkpoint
+from clip_pl.model_files.checkpoint import read_checkpoint
+from clip_pl.training.callbacks import LastCheckpointSchedule, interrupted_by
 from data_pipelines.atomic import atomic_output, remove_stale_temporaries
-from signal_probe import SignalAtSteps
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS = os.path.join(ROOT, "tests")

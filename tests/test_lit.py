@@ -6,10 +6,10 @@ import torch
 from test_train import compose_train, demo_overrides, run_cli  # noqa: F401  (demo_overrides is a fixture)
 
 import train
-from clip_pl.checkpoint import read_checkpoint
 from clip_pl.loss import ClipLoss
 from clip_pl.model import create_model
-from clip_pl.module import CLIPModule
+from clip_pl.model_files.checkpoint import read_checkpoint
+from clip_pl.training.module import CLIPModule
 
 
 class _Modes(L.Callback):

@@ -1,6 +1,6 @@
 import os
 
-from clip_pl.loggers import stable_run_id, wandb_logger
+from clip_pl.training.loggers import stable_run_id, wandb_logger
 
 
 def test_wandb_goes_offline_without_key_and_keeps_its_run_id(tmp_path, monkeypatch):

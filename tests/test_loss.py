@@ -12,7 +12,7 @@ from gloo import gloo_group
 from clip_pl.distributed import free_port
 from clip_pl.loss import ClipLoss, SigLipLoss
 from clip_pl.model import create_model
-from clip_pl.module import forward_in_micro_batches
+from clip_pl.training.module import forward_in_micro_batches
 
 
 def reference_clip_loss(img, txt, scale):

@@ -1,10 +1,10 @@
-"""clip_pl.metrics against hand-computed cases: ties, classes without samples, several captions per image."""
+"""clip_pl.evaluation.metrics against hand-computed cases: ties, classes without samples, several captions per image."""
 
 import pytest
 import torch
 from sklearn.metrics import balanced_accuracy_score
 
-from clip_pl.metrics import (
+from clip_pl.evaluation.metrics import (
     accuracy,
     average_precision_per_class,
     classification_metrics,

@@ -13,14 +13,15 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-import clip_pl.checkpoint
-from clip_pl.callbacks import TrainingSpeedMonitor
-from clip_pl.checkpoint import AtomicCheckpointIO, atomic_torch_save, model_from_checkpoint, read_checkpoint
+import clip_pl.model_files.checkpoint
 from clip_pl.flops import model_flops_per_sample
 from clip_pl.loss import ClipLoss, SigLipLoss
 from clip_pl.model import create_model
-from clip_pl.module import CLIPModule, _rng_state, _set_rng_state, forward_in_micro_batches
-from clip_pl.optim import OptimizerConfig, _no_weight_decay
+from clip_pl.model_files.checkpoint import AtomicCheckpointIO, atomic_torch_save, read_checkpoint
+from clip_pl.model_files.load import read_model_file
+from clip_pl.training.callbacks import TrainingSpeedMonitor
+from clip_pl.training.module import CLIPModule, _rng_state, _set_rng_state, forward_in_micro_batches
+from clip_pl.training.optim import OptimizerConfig, _no_weight_decay
 from data_pipelines.tokenizer import train_sentencepiece
 
 
@@ -100,7 +101,8 @@ def test_checkpoint_holds_model_and_tokenizer(tokenizer, tmp_path):
     trainer = _trainer(tmp_path, 2)
     trainer.fit(module, _loader())
     trainer.save_checkpoint(tmp_path / "c.ckpt")
-    model, tok = model_from_checkpoint(read_checkpoint(tmp_path / "c.ckpt"))
+    file = read_model_file(tmp_path / "c.ckpt")
+    model, tok = file.build(), file.tokenizer
     images, tokens = next(iter(_loader()))
     module.model.eval()
     with torch.no_grad():
@@ -147,7 +149,7 @@ def test_async_save_writes_the_step_it_was_given_while_training_goes_on(tmp_path
         assert gate.wait(timeout=30)
         atomic_torch_save(obj, path)
 
-    monkeypatch.setattr(clip_pl.checkpoint, "atomic_torch_save", held_save)
+    monkeypatch.setattr(clip_pl.model_files.checkpoint, "atomic_torch_save", held_save)
     io = AtomicCheckpointIO(async_save=True)
     weight = torch.ones(3)
     io.save_checkpoint({"state_dict": {"w": weight}, "global_step": 6}, tmp_path / "last.ckpt")
@@ -160,7 +162,7 @@ def test_async_save_writes_the_step_it_was_given_while_training_goes_on(tmp_path
     saved = torch.load(tmp_path / "last.ckpt")
     assert torch.equal(saved["state_dict"]["w"], torch.ones(3)) and saved["global_step"] == 6
     # The next save copies into the same host buffers, after the previous write has finished.
-    monkeypatch.setattr(clip_pl.checkpoint, "atomic_torch_save", atomic_torch_save)
+    monkeypatch.setattr(clip_pl.model_files.checkpoint, "atomic_torch_save", atomic_torch_save)
     io.save_checkpoint({"state_dict": {"w": weight}, "global_step": 7}, tmp_path / "step7.ckpt")
     weight.add_(1.0)
     io.save_checkpoint({"state_dict": {"w": weight}, "global_step": 8}, tmp_path / "last.ckpt")
@@ -171,7 +173,7 @@ def test_async_save_writes_the_step_it_was_given_while_training_goes_on(tmp_path
     def failing_save(obj, path):
         raise OSError("disk full")
 
-    monkeypatch.setattr(clip_pl.checkpoint, "atomic_torch_save", failing_save)
+    monkeypatch.setattr(clip_pl.model_files.checkpoint, "atomic_torch_save", failing_save)
     io.save_checkpoint({"global_step": 9}, tmp_path / "last.ckpt")
     with pytest.raises(OSError, match="disk full"):  # the next save (or the end of training) reports it
         io.save_checkpoint({"global_step": 10}, tmp_path / "last.ckpt")

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 from clip_pl.model import CLIP, get_model_config
-from clip_pl.openclip_models import (
+from clip_pl.model_files.openclip_models import (
     clip_config_from_openclip,
     create_model_from_openclip,
     load_openclip,

@@ -37,11 +37,11 @@ import torch
 from omegaconf import OmegaConf
 from test_config import compose_train
 
-from clip_pl.convert import convert_openclip_image_tower, convert_openclip_text_tower, load_openclip_model
 from clip_pl.loss import ClipLoss
 from clip_pl.model import create_model
-from clip_pl.module import CLIPModule
-from clip_pl.optim import OptimizerConfig
+from clip_pl.model_files.convert import convert_openclip_image_tower, convert_openclip_text_tower, load_openclip_model
+from clip_pl.training.module import CLIPModule
+from clip_pl.training.optim import OptimizerConfig
 
 open_clip = pytest.importorskip("open_clip")
 cosine_lr = pytest.importorskip("open_clip_train.scheduler").cosine_lr

@@ -10,8 +10,8 @@ import torch
 from tiny_clip import CONTEXT_LENGTH, make_model, make_tokenizer, random_image
 
 from clip_pl import predict
-from clip_pl.export import export_model
 from clip_pl.model import create_model
+from clip_pl.model_files.export import export_model
 from data_pipelines.transforms import image_transform
 
 LABELS = ["granny smith", "ipod", "pizza"]

@@ -8,10 +8,10 @@ from omegaconf import OmegaConf
 from test_train import compose_train, demo_overrides  # noqa: F401  (demo_overrides is a fixture)
 
 import train
-from clip_pl.export import export_checkpoint
-from clip_pl.loading import load_model, read_state_dict
 from clip_pl.model import DEFAULT_LOGIT_SCALE
-from clip_pl.pretrained import init_from_pretrained
+from clip_pl.model_files.export import export_model
+from clip_pl.model_files.load import load_model, read_model_file
+from clip_pl.model_files.pretrained import init_from_pretrained
 from data_pipelines.tokenizer import Tokenizer, train_sentencepiece
 
 RUSSIAN_CAPTIONS = [
@@ -30,7 +30,8 @@ def pretrained(demo_overrides, tmp_path_factory):  # noqa: F811
                          "+trainer.limit_val_batches=0"])
     train.train(cfg)
     checkpoint = run_dir / "checkpoints" / "last.ckpt"
-    export_checkpoint(checkpoint, run_dir / "model.safetensors")
+    file = read_model_file(checkpoint)
+    export_model(file.build(), file.tokenizer, run_dir / "model.safetensors")
     return checkpoint
 
 
@@ -60,14 +61,14 @@ def _assert_equal(got, expected):
 @pytest.mark.parametrize("filename", ["checkpoints/last.ckpt", "model.safetensors"])
 def test_both_towers_and_logit_scale_load(pretrained, demo_overrides, tmp_path, filename):  # noqa: F811
     source = pretrained.parent.parent / filename
-    expected = read_state_dict(pretrained)
+    expected = read_model_file(pretrained).state_dict
     assert expected["logit_scale"].item() != pytest.approx(DEFAULT_LOGIT_SCALE, abs=1e-6)
     model = _model([*demo_overrides, f"init.from_checkpoint={source}"], tmp_path)
     _assert_equal(model.state_dict(), expected)
 
 
 def test_only_the_chosen_tower_loads(pretrained, demo_overrides, tmp_path):  # noqa: F811
-    expected = read_state_dict(pretrained)
+    expected = read_model_file(pretrained).state_dict
     fresh = _model(demo_overrides, tmp_path / "fresh").state_dict()
     model = _model([*demo_overrides, f"init.from_checkpoint={pretrained}", "init.towers=[image_tower]"], tmp_path)
     state = model.state_dict()
@@ -79,7 +80,7 @@ def test_only_the_chosen_tower_loads(pretrained, demo_overrides, tmp_path):  # n
 
 
 def test_new_tokenizer_gets_a_new_token_embedding(pretrained, russian_tokenizer, demo_overrides, tmp_path):  # noqa: F811
-    expected = read_state_dict(pretrained)
+    expected = read_model_file(pretrained).state_dict
     overrides = [*demo_overrides, f"init.from_checkpoint={pretrained}", f"tokenizer.path={russian_tokenizer}"]
     with pytest.raises(ValueError, match="another tokenizer .* set init.new_token_embedding=true"):
         _model(overrides, tmp_path)

@@ -13,7 +13,7 @@ from tiny_clip import make_image_folder, make_model, make_tokenizer, random_imag
 
 import clip_pl
 from clip_pl import evaluate, predict
-from clip_pl.export import export_model
+from clip_pl.model_files.export import export_model
 
 IMAGE_SIZE = 64
 LABELS = ["cat", "dog", "car"]
@@ -139,7 +139,7 @@ def test_the_format_is_read_from_the_content(sources, tmp_path, capsys):
     tokenizer = make_tokenizer(tmp_path)
     export_model(make_model(tokenizer), tokenizer, tmp_path / "export.safetensors")
     assert clip_pl.load(tmp_path / "export.safetensors")[2].kind == "sentencepiece"
-    with pytest.raises(ValueError, match="is a clip_pl export, which holds its own model config: drop openclip_model"):
+    with pytest.raises(ValueError, match="is a clip_pl model file, which holds its own model config: drop openclip_model"):
         clip_pl.load(tmp_path / "export.safetensors", openclip_model="ViT-B-32")
     random_image(0).save(tmp_path / "image.png")
     for kind in ("safetensors+json", "bin+json"):
@@ -153,7 +153,7 @@ def test_the_format_is_read_from_the_content(sources, tmp_path, capsys):
 
 
 def test_a_folder_exported_by_clip_pl_keeps_its_sentencepiece_tokenizer(tmp_path):
-    from clip_pl.export_openclip import export_openclip
+    from clip_pl.model_files.export_openclip import export_openclip
 
     tokenizer = make_tokenizer(tmp_path)
     model = make_model(tokenizer, seed=3)

@@ -14,9 +14,9 @@ from test_train import compose_train, demo_overrides  # noqa: F401  (demo_overri
 
 import clip_pl
 import train
-from clip_pl.checkpoint import CHECKPOINT_KEY, read_checkpoint
-from clip_pl.loading import read_state_dict
-from clip_pl.openclip_models import create_model_from_openclip
+from clip_pl.model_files.checkpoint import CHECKPOINT_KEY, read_checkpoint
+from clip_pl.model_files.load import read_model_file
+from clip_pl.model_files.openclip_models import create_model_from_openclip
 from data_pipelines.tokenizer import Tokenizer
 
 IMAGE_SIZE = 32
@@ -72,7 +72,7 @@ def test_training_from_an_openclip_folder_with_openais_bpe(pretrained, demo_over
     checkpoint = read_checkpoint(checkpoint_path)
     assert checkpoint["global_step"] == 3
     assert checkpoint[CHECKPOINT_KEY]["tokenizer"]["kind"] == "openclip_bpe"
-    before, after = built.initial.state_dict(), read_state_dict(checkpoint_path)
+    before, after = built.initial.state_dict(), read_model_file(checkpoint_path).state_dict
     trained = ["logit_scale", "image_tower.trunk.blocks.0.attn.qkv.weight", "text_tower.blocks.1.mlp.0.weight",
                TOKEN_EMBEDDING]
     assert _changed(before, after, trained) == trained
@@ -119,7 +119,7 @@ def test_new_language_recipe_from_an_openclip_folder(pretrained, demo_overrides,
     assert built.initial.config.text.eos_id == tokenizer.eos_id == 3
 
     # Three steps with the image tower locked: its trunk is unchanged, its projection and the text tower trained.
-    after = read_state_dict(tmp_path / "checkpoints" / "last.ckpt")
+    after = read_model_file(tmp_path / "checkpoints" / "last.ckpt").state_dict
     image_trunk = [k for k in initial if k.startswith("image_tower.trunk.")]
     assert len(image_trunk) > 20 and _changed(initial, after, image_trunk) == []
     text = [k for k in initial if k.startswith("text_tower.")]

@@ -1,4 +1,4 @@
-"""clip_pl.slurm without a SLURM cluster: real Lightning fits that signal themselves, and the layout check.
+"""clip_pl.training.slurm without a SLURM cluster: real Lightning fits that signal themselves, and the layout check.
 
 The fits run in subprocesses (tests/slurm/tiny_fit.py) with a fake ``scontrol`` that records its
 arguments, so a deadlock shows up as a timeout rather than a hung session.
@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from clip_pl import slurm
+from clip_pl.training import slurm
 
 TINY_FIT = Path(__file__).parent / "slurm" / "tiny_fit.py"
 
@@ -123,7 +123,7 @@ def test_failed_requeue_is_logged_with_the_checkpoint_to_resume_from(tmp_path, c
     (tmp_path / "scontrol").write_text("#!/bin/sh\necho 'Requested operation is presently disabled' >&2\nexit 1\n")
     (tmp_path / "scontrol").chmod(0o755)
     monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
-    with caplog.at_level(logging.ERROR, logger="clip_pl.slurm"):
+    with caplog.at_level(logging.ERROR, logger="clip_pl.training.slurm"):
         slurm._requeue("77", "/runs/x/checkpoints/last.ckpt")
     assert len(caplog.records) == 1
     message = caplog.records[0].getMessage()

@@ -14,8 +14,8 @@ from tiny_clip import CONTEXT_LENGTH, make_model, make_tokenizer, write_checkpoi
 import train
 from clip_pl import evaluate
 from clip_pl.distributed import free_port
-from clip_pl.loading import load
-from clip_pl.suite import Suite, SuiteDataset, shipped_suites
+from clip_pl.evaluation.suite import Suite, SuiteDataset, shipped_suites
+from clip_pl.model_files.load import load
 from data_pipelines.tokenizer import Tokenizer
 
 SETS = {

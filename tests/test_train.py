@@ -11,10 +11,10 @@ import lightning as L
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from reads_probe import ReadsPerStep
 
 import train
-from clip_pl.checkpoint import read_checkpoint
-from reads_probe import ReadsPerStep
+from clip_pl.model_files.checkpoint import read_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONF = os.path.join(ROOT, "conf")
@@ -278,8 +278,8 @@ def test_skipped_samples_are_logged_summed_over_ranks(make_tiny_shards, tmp_path
 
     from test_data_pipeline import _broken_shards
 
-    from data_pipelines.tokenizer import train_sentencepiece
     from data_pipelines.datamodule import ShardDataModule
+    from data_pipelines.tokenizer import train_sentencepiece
 
     spec, _ = _broken_shards(make_tiny_shards)
     tokenizer = train_sentencepiece([f"photo {i}" for i in range(40)], tmp_path / "tok.model", vocab_size=40,
@@ -364,8 +364,8 @@ def test_a_resumed_run_shows_its_epoch_and_length(demo_overrides, tmp_path, caps
 def test_callbacks_are_added_and_removed_by_override(demo_overrides, tmp_path):
     from lightning.pytorch.callbacks import LearningRateMonitor, Timer
 
-    from clip_pl.callbacks import LastCheckpointSchedule, RunCheckpoint, TrainingSpeedMonitor
-    from clip_pl.validation_pictures import ValidationPictures
+    from clip_pl.training.callbacks import LastCheckpointSchedule, RunCheckpoint, TrainingSpeedMonitor
+    from clip_pl.training.validation_pictures import ValidationPictures
 
     def kinds(*overrides):
         cfg = compose_train([*demo_overrides, f"run_dir={tmp_path}", *overrides])

@@ -14,7 +14,7 @@ from test_train import compose_train, demo_overrides  # noqa: F401  (demo_overri
 
 import train
 from clip_pl.model import create_model
-from clip_pl.validation_pictures import ValidationPictures
+from clip_pl.training.validation_pictures import ValidationPictures
 from data_pipelines.tokenizer import Tokenizer
 
 

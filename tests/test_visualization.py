@@ -3,7 +3,7 @@ import pytest
 import torch
 from PIL import Image, ImageFont
 
-from clip_pl.visualization import (
+from clip_pl.evaluation.visualization import (
     images_from_batch,
     retrieval_grid_image,
     similarity_matrix_image,

@@ -8,8 +8,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from clip_pl.checkpoint import CHECKPOINT_KEY, STATE_DICT_PREFIX
 from clip_pl.model import CLIP, create_model
+from clip_pl.model_files.checkpoint import CHECKPOINT_KEY, STATE_DICT_PREFIX
 from data_pipelines.tokenizer import Tokenizer, train_sentencepiece
 
 CAPTIONS = [

@@ -30,11 +30,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 sys.path[:0] = [os.path.join(os.path.dirname(__file__), ".."), os.path.join(os.path.dirname(__file__), "..", "..")]
-import clip_pl.checkpoint  # noqa: E402
-from clip_pl.callbacks import StopOnSigterm  # noqa: E402
-from clip_pl.checkpoint import AtomicCheckpointIO  # noqa: E402
-from clip_pl.slurm import RequeueOnSignal  # noqa: E402
 from reads_probe import ReadsPerStep  # noqa: E402
+
+import clip_pl.model_files.checkpoint  # noqa: E402
+from clip_pl.model_files.checkpoint import AtomicCheckpointIO  # noqa: E402
+from clip_pl.training.callbacks import StopOnSigterm  # noqa: E402
+from clip_pl.training.slurm import RequeueOnSignal  # noqa: E402
 
 
 class Samples(Dataset):
@@ -114,13 +115,13 @@ def main() -> None:
     parser.add_argument("--async-save-delay", type=float, help="save in the background, each write this much slower")
     args = parser.parse_args()
     if args.async_save_delay is not None:
-        write = clip_pl.checkpoint.atomic_torch_save
+        write = clip_pl.model_files.checkpoint.atomic_torch_save
 
         def slow_write(obj, path):
             time.sleep(args.async_save_delay)
             write(obj, path)
 
-        clip_pl.checkpoint.atomic_torch_save = slow_write
+        clip_pl.model_files.checkpoint.atomic_torch_save = slow_write
     torch.set_num_threads(1)
     requeue, reads = RequeueOnSignal(os.path.join(args.out, "last.ckpt")), ReadsPerStep()
     trainer = L.Trainer(

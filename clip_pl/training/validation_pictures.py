@@ -5,9 +5,9 @@
 as it is then:
 
 - ``val/similarity_matrix``: their cosine similarities, images as rows, captions as columns
-  (``clip_pl.visualization.similarity_matrix_image``);
+  (``clip_pl.evaluation.visualization.similarity_matrix_image``);
 - ``val/retrieval``: each image beside its top-k captions, the true one in green
-  (``clip_pl.visualization.retrieval_grid_image``).
+  (``clip_pl.evaluation.visualization.retrieval_grid_image``).
 
 Both go to TensorBoard and wandb when those loggers are configured, and always to
 ``<run dir>/pictures/step_<global step>_similarity.png`` and ``..._retrieval.png``. The sanity check
@@ -23,7 +23,7 @@ import lightning as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 
-from clip_pl.visualization import images_from_batch, retrieval_grid_image, similarity_matrix_image, to_array
+from clip_pl.evaluation.visualization import images_from_batch, retrieval_grid_image, similarity_matrix_image, to_array
 
 
 class ValidationPictures(L.Callback):

@@ -29,10 +29,10 @@ from typing import Any
 
 from safetensors.torch import save_file
 
-from clip_pl.convert import openclip_state_dict
-from clip_pl.loading import load_model
 from clip_pl.model import CLIP
-from clip_pl.openclip_models import CONFIG_FILE, openclip_config_from
+from clip_pl.model_files.convert import openclip_state_dict
+from clip_pl.model_files.load import load_model
+from clip_pl.model_files.openclip_models import CONFIG_FILE, openclip_config_from
 from data_pipelines.atomic import atomic_output, remove_stale_temporaries
 from data_pipelines.openclip_tokenizer import KIND as OPENCLIP_BPE
 from data_pipelines.tokenizer import TextTokenizer

@@ -10,7 +10,6 @@ from torch import nn
 
 from clip_pl.model import CLIP
 
-
 # The default warmup as a share of the run's steps: between OpenCLIP's long recipes (0.3-1.5%) and the
 # short runs of the demo and the quality benchmark (10-12.5%).
 WARMUP_FRACTION = 0.05

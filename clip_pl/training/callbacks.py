@@ -16,11 +16,11 @@ from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
 from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from clip_pl.checkpoint import wait_for_write
 from clip_pl.distributed import DeferredSum
 from clip_pl.flops import dense_peak_flops, model_flops_per_sample
 from clip_pl.model import CLIPConfig
-from clip_pl.run_dir import last_checkpoint_path
+from clip_pl.model_files.checkpoint import wait_for_write
+from clip_pl.training.run_dir import last_checkpoint_path
 
 log = logging.getLogger(__name__)
 
@@ -189,7 +189,7 @@ class SaveOnInterrupt(L.Callback):
     For runs outside SLURM, where nothing warns before a preemption: SIGTERM (``kill``, ``docker
     stop``, Kubernetes, a spot instance's reclaim, torchrun passing one on) or Ctrl-C would
     otherwise lose everything since the last checkpoint. Under SLURM,
-    :class:`~clip_pl.slurm.RequeueOnSignal` saves on SLURM's earlier warning signal instead.
+    :class:`~clip_pl.training.slurm.RequeueOnSignal` saves on SLURM's earlier warning signal instead.
 
     The handlers only set a flag (a handler that saves or talks to other ranks deadlocks when it
     interrupts a collective); the first Ctrl-C also gives SIGINT back its default action, so a

@@ -28,7 +28,7 @@ from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning_utilities.core.apply_func import apply_to_collection
 
-from clip_pl.model import CLIP, CLIPConfig
+from clip_pl.model import CLIPConfig
 from data_pipelines.atomic import atomic_output
 from data_pipelines.tokenizer import TextTokenizer, tokenizer_from_state_dict
 
@@ -187,15 +187,13 @@ def model_state_dict(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
     return {k[len(STATE_DICT_PREFIX) :]: v for k, v in state.items() if k.startswith(STATE_DICT_PREFIX)}
 
 
-def model_from_checkpoint(checkpoint: dict[str, Any]) -> tuple[CLIP, TextTokenizer]:
-    """Rebuilds the trained model (eval mode, on CPU) and its tokenizer from a checkpoint dict."""
+def model_contents(checkpoint: dict[str, Any]) -> tuple[CLIPConfig, dict[str, torch.Tensor], TextTokenizer]:
+    """The model config, ``CLIP`` state dict and tokenizer that a checkpoint dict holds."""
     meta = checkpoint[CHECKPOINT_KEY]
     config = CLIPConfig.from_dict(meta["model_config"])
     # The trunk weights are in the checkpoint; do not look for the original weights file.
     config.image.weights = None
-    model = CLIP(config)
-    model.load_state_dict(model_state_dict(checkpoint))
-    return model.eval(), tokenizer_from_state_dict(meta["tokenizer"])
+    return config, model_state_dict(checkpoint), tokenizer_from_state_dict(meta["tokenizer"])
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -16,72 +16,74 @@ from collections.abc import Sequence
 
 import torch
 
-from clip_pl.checkpoint import CHECKPOINT_KEY, model_state_dict, read_checkpoint
-from clip_pl.convert import TOWERS, load_openclip_image_tower, load_tower, read_weights_file
-from clip_pl.export import is_safetensors_file, read_exported
 from clip_pl.model import CLIP
-from data_pipelines.tokenizer import TextTokenizer, tokenizer_from_state_dict
+from clip_pl.model_files.convert import TOWERS, load_openclip_image_tower, load_tower, read_weights_file
+from clip_pl.model_files.load import read_model_file
+from clip_pl.model_files.openclip_models import load_openclip_weights
+from data_pipelines.tokenizer import TextTokenizer
 
 log = logging.getLogger(__name__)
 
 _TOKEN_EMBEDDING = "token_embedding.weight"
 
 
-def _read_model_file(path: str) -> tuple[dict[str, torch.Tensor], TextTokenizer]:
-    """The ``CLIP`` state dict and the tokenizer stored in a ``.ckpt`` or exported ``.safetensors`` file."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"init.from_checkpoint {path!r} not found")
-    if is_safetensors_file(path):
-        model, tokenizer = read_exported(path)
-        return model.state_dict(), tokenizer
-    # A training checkpoint is read directly: rebuilding its model first would cost a random init.
-    checkpoint = read_checkpoint(path)
-    return model_state_dict(checkpoint), tokenizer_from_state_dict(checkpoint[CHECKPOINT_KEY]["tokenizer"])
-
-
-def _load_text_tower(
+def load_towers(
     model: CLIP,
-    weights: dict[str, torch.Tensor],
-    tokenizer: TextTokenizer,
-    theirs: TextTokenizer,
-    new_token_embedding: bool,
-    path: str,
-) -> None:
-    if new_token_embedding:
-        # The model's own, freshly initialised rows stand in for the pretrained ones.
-        weights = {**weights, _TOKEN_EMBEDDING: model.text_tower.token_embedding.weight}
-    elif tokenizer.vocabulary() != theirs.vocabulary():
-        raise ValueError(
-            f"init.from_checkpoint {path!r} was trained with another tokenizer ({theirs.vocab_size} pieces) than "
-            f"tokenizer.path ({tokenizer.vocab_size} pieces), so its token embedding rows stand for other tokens; "
-            "set init.new_token_embedding=true to load the rest of the text tower with a new token embedding, "
-            "or init.towers=[image_tower] to train the text tower from scratch"
-        )
-    load_tower(model, "text_tower", weights, f"init.from_checkpoint {path!r}")
+    path: str | os.PathLike,
+    towers: Sequence[str] = TOWERS,
+    tokenizer: TextTokenizer | None = None,
+    new_token_embedding: bool = False,
+) -> list[str]:
+    """Copies towers of a clip_pl model file (training checkpoint or export) into ``model``.
 
+    For example, start a new run with the image tower of an earlier one:
+    ``load_towers(model, "old/last.ckpt", towers=["image_tower"])``.
 
-def _load_from_checkpoint(
-    model: CLIP, tokenizer: TextTokenizer, path: str, towers: list[str], new_token_embedding: bool
-) -> None:
-    state, theirs = _read_model_file(path)
+    Args:
+        model: The model to fill.
+        path: A training checkpoint (file or sharded folder) or an exported ``.safetensors`` file.
+        towers: Which of ``image_tower`` and ``text_tower`` to copy. With both, the learned
+            temperature (``logit_scale``) is copied too, and the SigLIP ``logit_bias`` where both
+            models have one; with one tower they keep ``model``'s, since they belong to the pair.
+        tokenizer: The tokenizer ``model`` will read; if given, a text tower trained with another
+            one is refused, since its token embedding rows stand for other tokens.
+        new_token_embedding: Copy the text tower except its token embedding, which keeps ``model``'s
+            initialisation: the way to reuse a text tower with another tokenizer.
+
+    Returns:
+        The names of what was copied, for the log.
+    """
+    towers = list(towers)
+    if not towers or any(t not in TOWERS for t in towers):
+        raise ValueError(f"towers must be a non-empty subset of {list(TOWERS)}, got {towers}")
+    file = read_model_file(path)
+    source = repr(file.path)
     loaded = []
     for tower in towers:
         prefix = f"{tower}."
-        weights = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-        if tower == "text_tower":
-            _load_text_tower(model, weights, tokenizer, theirs, new_token_embedding, path)
-            loaded.append("text_tower (new token_embedding)" if new_token_embedding else "text_tower")
-        else:
-            load_tower(model, tower, weights, f"init.from_checkpoint {path!r}")
-            loaded.append(tower)
+        weights = {k[len(prefix) :]: v for k, v in file.state_dict.items() if k.startswith(prefix)}
+        if not weights:
+            raise ValueError(f"{source} has no {tower} weights (keys starting with {prefix!r})")
+        if tower == "text_tower" and new_token_embedding:
+            # The model's own, freshly initialised rows stand in for the pretrained ones.
+            weights[_TOKEN_EMBEDDING] = model.text_tower.token_embedding.weight
+        elif tower == "text_tower" and tokenizer is not None and tokenizer.vocabulary() != file.tokenizer.vocabulary():
+            raise ValueError(
+                f"{source} was trained with another tokenizer ({file.tokenizer.vocab_size} pieces) than this "
+                f"model's ({tokenizer.vocab_size} pieces), so its token embedding rows stand for other tokens; "
+                "set init.new_token_embedding=true to load the rest of the text tower with a new token embedding, "
+                "or init.towers=[image_tower] to train the text tower from scratch"
+            )
+        load_tower(model, tower, weights, source)
+        loaded.append("text_tower (new token_embedding)" if tower == "text_tower" and new_token_embedding else tower)
     if set(towers) == set(TOWERS):
         with torch.no_grad():
-            model.logit_scale.copy_(state["logit_scale"])
+            model.logit_scale.copy_(file.state_dict["logit_scale"])
             loaded.append("logit_scale")
-            if model.logit_bias is not None and "logit_bias" in state:
-                model.logit_bias.copy_(state["logit_bias"])
+            if model.logit_bias is not None and "logit_bias" in file.state_dict:
+                model.logit_bias.copy_(file.state_dict["logit_bias"])
                 loaded.append("logit_bias")
-    log.info("initialised %s from %s", ", ".join(loaded), path)
+    return loaded
 
 
 def init_from_pretrained(
@@ -103,9 +105,9 @@ def init_from_pretrained(
             temperature (``logit_scale``) is loaded too, and the SigLIP ``logit_bias`` where both
             models have one; with one tower they start fresh, since they belong to the pair.
         image_tower: An OpenAI/OpenCLIP ViT state dict (``visual.*`` keys; ``.safetensors``, ``.bin`` or
-            ``.pt``) for the image tower, projection included; see ``clip_pl.convert``.
+            ``.pt``) for the image tower, projection included; see ``clip_pl.model_files.convert``.
         openclip: A whole OpenAI/OpenCLIP ViT CLIP (hub-style folder, weights file, or OpenAI's
-            TorchScript file; see ``clip_pl.openclip_models``): both towers, the logit scale and bias.
+            TorchScript file; see ``clip_pl.model_files.openclip_models``): both towers, the logit scale and bias.
             ``model`` must have its architecture (``model=openclip`` builds it).
         new_token_embedding: Load the text tower of ``from_checkpoint`` or ``openclip`` except its token
             embedding, which keeps the model's initialisation: required when ``tokenizer`` is not the
@@ -133,13 +135,14 @@ def init_from_pretrained(
                 "tokenizer: set tokenizer=openclip_bpe, or init.new_token_embedding=true to give it a new token "
                 "embedding for this tokenizer"
             )
-        from clip_pl.openclip_models import load_openclip_weights
-
         load_openclip_weights(model, os.fspath(openclip), new_token_embedding=new_token_embedding)
         new = " (new token_embedding)" if new_token_embedding else ""
         log.info("initialised image_tower, text_tower%s and logit_scale from OpenCLIP/OpenAI %s", new, openclip)
     if from_checkpoint is not None:
-        _load_from_checkpoint(model, tokenizer, os.fspath(from_checkpoint), towers, new_token_embedding)
+        if not os.path.exists(from_checkpoint):
+            raise FileNotFoundError(f"init.from_checkpoint {os.fspath(from_checkpoint)!r} not found")
+        loaded = load_towers(model, from_checkpoint, towers, tokenizer, new_token_embedding)
+        log.info("initialised %s from %s", ", ".join(loaded), from_checkpoint)
     if image_tower is not None:
         load_openclip_image_tower(model, read_weights_file(image_tower))
         log.info("initialised image_tower from OpenCLIP/OpenAI weights %s", image_tower)

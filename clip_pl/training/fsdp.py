@@ -7,7 +7,7 @@ backward) and freed after, and its gradients are reduce-scattered as soon as the
 The contrastive loss is unchanged: it gathers features across ranks, not weights.
 
 The strategy is Lightning's ``ModelParallelStrategy`` with a one-dimensional mesh (every rank is a
-data-parallel rank) and clip_pl's sharded checkpoints (``clip_pl.checkpoint.ShardedCheckpointIO``):
+data-parallel rank) and clip_pl's sharded checkpoints (``clip_pl.model_files.checkpoint.ShardedCheckpointIO``):
 every rank writes its shards, in the background, and ``last.ckpt`` is switched to the new
 checkpoint only once every rank's shards are on disk. A sharded checkpoint resumes on any number of
 ranks (torch.distributed.checkpoint reshards the weights and the optimizer state), also without
@@ -22,8 +22,13 @@ import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 
-from clip_pl.checkpoint import ShardedCheckpointIO, is_sharded_checkpoint, optimizer_state_by_name, read_checkpoint
 from clip_pl.model import CLIP
+from clip_pl.model_files.checkpoint import (
+    ShardedCheckpointIO,
+    is_sharded_checkpoint,
+    optimizer_state_by_name,
+    read_checkpoint,
+)
 
 # Trainer precisions the strategy maps onto FSDP2's mixed precision: compute dtype of the weights.
 PARAM_DTYPES = {"32-true": None, "bf16-mixed": torch.bfloat16}

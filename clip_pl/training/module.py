@@ -9,19 +9,19 @@ import warnings
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.utilities import rank_zero_warn
 import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.checkpoint import checkpoint
 
-from clip_pl.checkpoint import CHECKPOINT_KEY
 from clip_pl.distributed import all_gather_uneven
-from clip_pl.lit import eval_frozen_modules, lock_image_tower, lock_text_tower
 from clip_pl.model import CLIP, CLIPOutput
-from clip_pl.optim import WARMUP_FRACTION, OptimizerConfig, build_optimizer, lr_factor
+from clip_pl.model_files.checkpoint import CHECKPOINT_KEY
+from clip_pl.training.lit import eval_frozen_modules, lock_image_tower, lock_text_tower
+from clip_pl.training.optim import WARMUP_FRACTION, OptimizerConfig, build_optimizer, lr_factor
 from data_pipelines.tokenizer import Tokenizer
 from data_pipelines.transforms import NormalizeImages
 
@@ -103,7 +103,7 @@ class CLIPModule(L.LightningModule):
             None: the whole batch at once.
         zero_shot_tasks: Zero-shot classification tasks run at each validation, split across ranks.
         lock_image: Freeze the image tower (LiT), but its projection and its last
-            ``lock_image_unlocked_groups`` parameter groups; see ``clip_pl.lit``.
+            ``lock_image_unlocked_groups`` parameter groups; see ``clip_pl.training.lit``.
         lock_image_unlocked_groups: Groups of a locked image tower, counted from the output, left trainable.
         lock_text: Freeze the text tower likewise.
         lock_text_unlocked_groups: Groups of a locked text tower left trainable.
@@ -218,7 +218,7 @@ class CLIPModule(L.LightningModule):
         self._val_features.append((out.image_features.float(), out.text_features.float()))
 
     def on_validation_epoch_end(self) -> None:
-        from clip_pl.metrics import retrieval_recall
+        from clip_pl.evaluation.metrics import retrieval_recall
 
         # Every rank reaches these collectives the same number of times, whatever its data.
         loss_sum, count = self.trainer.strategy.reduce(self._val_loss_sum, reduce_op="sum").tolist()

@@ -9,7 +9,7 @@ renormalized. An image's logits are then its normalized embedding times that ``[
 
 Retrieval ranks every caption for every image (and the reverse) by cosine similarity; recall@k is
 the share of queries whose matching item is among the first k. The metrics themselves live in
-``clip_pl.metrics``.
+``clip_pl.evaluation.metrics``.
 """
 
 from __future__ import annotations
@@ -19,13 +19,13 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
-import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from clip_pl.distributed import all_gather_uneven, fail_together
-from clip_pl.metrics import retrieval_recall, topk_hits
+from clip_pl.evaluation.metrics import retrieval_recall, topk_hits
 from clip_pl.model import CLIP
 from data_pipelines.eval_data import LabelledShards, image_folder
 from data_pipelines.ranks import rank_and_world_size

@@ -31,7 +31,6 @@ from typing import Any
 
 import torch
 
-from clip_pl.convert import load_openclip_model, read_weights_file
 from clip_pl.model import (
     CLIP,
     CLIPConfig,
@@ -40,6 +39,7 @@ from clip_pl.model import (
     _is_clip_vit,
     replace_tower_fields,
 )
+from clip_pl.model_files.convert import load_openclip_model, read_weights_file
 
 CONFIG_FILE = "open_clip_config.json"
 WEIGHTS_FILES = (

@@ -23,8 +23,8 @@ from typing import Any, Sequence
 import lightning as L
 from lightning.fabric.plugins.environments import SLURMEnvironment
 
-from clip_pl.checkpoint import wait_for_write
 from clip_pl.distributed import DeferredSum
+from clip_pl.model_files.checkpoint import wait_for_write
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ A suite file (YAML) lists datasets by their clip_benchmark names::
 relative result is taken from the folder given to the command (``--suite-root``) or the working
 directory. Each folder is read by ``data_pipelines.eval_data.read_benchmark_folder``.
 
-Every dataset is evaluated as clip_benchmark evaluates it (``clip_pl.metrics``), and its images are
+Every dataset is evaluated as clip_benchmark evaluates it (``clip_pl.evaluation.metrics``), and its images are
 embedded once: classification reports ``top1``, ``top5`` (with 5 classes or more) and
 ``mean_per_class_recall``, a multi-label set ``mean_average_precision``, retrieval
 ``image_to_text_R@k`` and ``text_to_image_R@k`` for k = 1, 5, 10 and their mean at 1, ``mean_R@1``
@@ -46,9 +46,9 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from clip_pl.distributed import all_gather_uneven, fail_together
-from clip_pl.metrics import classification_metrics, mean_average_precision, retrieval_recall
+from clip_pl.evaluation.metrics import classification_metrics, mean_average_precision, retrieval_recall
+from clip_pl.evaluation.zero_shot import build_zero_shot_classifier, check_class_indices
 from clip_pl.model import CLIP
-from clip_pl.zero_shot import build_zero_shot_classifier, check_class_indices
 from data_pipelines.errors import USER_ERRORS, user_error_line
 from data_pipelines.eval_data import BenchmarkFolder, LabelledShards, caption_lines, multi_hot, read_benchmark_folder
 from data_pipelines.ranks import rank_and_world_size
@@ -69,7 +69,7 @@ _ENTRY_KEYS = {"name", "task", "root", "main_metric", "groups", "split"}
 
 
 def shipped_suites() -> list[str]:
-    """Names of the suite files that ship with clip_pl (``clip_pl/suites/*.yaml``)."""
+    """Names of the suite files that ship with clip_pl (``clip_pl/evaluation/suites/*.yaml``)."""
     return sorted(f[: -len(".yaml")] for f in os.listdir(SUITES_DIR) if f.endswith(".yaml"))
 
 
