@@ -468,7 +468,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="extra train.py override for an ablation (repeatable), e.g. trainer.gradient_clip_val=1.0",
     )  # fmt: skip
     parser.add_argument(
-        "--repo", default=REPO, help="the clip_pl checkout whose train.py runs (another commit, for a before/after)"
+        "--repo",
+        default=REPO,
+        help="the clip_pl checkout whose train.py runs (another commit, for a before/after; its config keys and "
+        "module paths must be this checkout's)",
     )
     parser.add_argument("--steps", type=int, default=500, help="training steps")
     parser.add_argument("--eval-every", type=int, default=125, help="steps between evaluations (divides --steps)")

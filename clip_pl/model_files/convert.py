@@ -1,5 +1,4 @@
-"""Weights from elsewhere into clip_pl towers: OpenAI/OpenCLIP ViT image encoders and text
-transformers, and towers of another clip_pl model file.
+"""OpenAI/OpenCLIP weights into clip_pl towers and back: ViT image encoders and text transformers.
 
 OpenAI and OpenCLIP store a ViT image encoder under ``visual.*`` (``conv1``,
 ``transformer.resblocks.N``, ``ln_post``, ``proj``...). timm's ``vit_*_clip_*`` models have the same
