@@ -10,7 +10,9 @@ the logit-scale clamp), so that only the model and the tokenizer change between 
 * ``clip_pl_bpe``: clip_pl's model with OpenCLIP's BPE tokenizer (vocabulary 49408, EOS pooling at 49407).
 
 ``--clip-norm`` adds gradient clipping; with ``PYTHONPATH`` set to another checkout, that
-checkout's clip_pl model (its initialisation) trains.
+checkout's clip_pl model (its initialisation) trains. ``--epochs 4 --workers 1`` cuts the stream as
+``quality.py``'s ``train.py`` runs do (four epochs of 125 steps, read by one DataLoader worker)
+instead of one epoch read in this process.
 
 It prints the training loss averaged over every 25 steps. One thread per run, so two variants run
 side by side on a 2-core machine. ``--init-stats N`` trains nothing: over N initialisation seeds it
@@ -25,6 +27,7 @@ spread of its image and text features, the gradient norm of each tower)::
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import random
 import statistics
@@ -104,13 +107,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--clip-norm", type=float, default=None, help="clip the gradient norm at this value")
     parser.add_argument("--schedule-steps", type=int, default=500, help="length of the cosine, as in quality.py")
+    parser.add_argument("--epochs", type=int, default=1, help="epochs the stream's --steps are cut into")
+    parser.add_argument("--workers", type=int, default=0, help="DataLoader workers reading the stream")
     parser.add_argument("--init-stats", type=int, metavar="N", help="statistics of N fresh models; no training")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     tokenizer = Tokenizer.from_file(f"{args.data}/tokenizer.model", context_length=CONTEXT)
     # The data stream is the same for every variant and seed: clip_pl's, seeded 0.
-    data = ShardDataModule(f"{args.data}/train", tokenizer, batch_size=128, num_workers=0, image_size=IMAGE_SIZE,
-                           samples_per_epoch=128 * args.steps, shuffle_buffer=5000, seed=0)  # fmt: skip
+    data = ShardDataModule(f"{args.data}/train", tokenizer, batch_size=128, num_workers=args.workers,
+                           image_size=IMAGE_SIZE, samples_per_epoch=128 * args.steps // args.epochs,
+                           shuffle_buffer=5000, seed=0)  # fmt: skip
     data.setup("fit")
     # Without DataLoader workers the crops draw from this process's generator: the same crops for every variant.
     random.seed(0)
@@ -127,7 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     ]
     optimizer = torch.optim.AdamW(groups, lr=1e-3, betas=(0.9, 0.98), eps=1e-6)
     warmup, loss_fn, window = 50, ClipLoss(), []
-    for step, (images, tokens) in enumerate(data.train_dataloader()):
+    # Each new iteration of the train loader is the stream's next epoch.
+    batches = itertools.chain.from_iterable(data.train_dataloader() for _ in range(args.epochs))
+    for step, (images, tokens) in enumerate(batches):
         progress = (step - warmup) / (args.schedule_steps - warmup)
         lr = 1e-3 * ((step + 1) / warmup if step < warmup else 0.5 * (1 + math.cos(math.pi * progress)))
         for group in optimizer.param_groups:
