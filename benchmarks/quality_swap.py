@@ -12,7 +12,7 @@ the logit-scale clamp), so that only the model and the tokenizer change between 
 ``--clip-norm`` adds gradient clipping; with ``PYTHONPATH`` set to another checkout, that
 checkout's clip_pl model (its initialisation) trains. ``--epochs 4 --workers 1`` cuts the stream as
 ``quality.py``'s ``train.py`` runs do (four epochs of 125 steps, read by one DataLoader worker)
-instead of one epoch read in this process.
+instead of one epoch read in this process; ``--stream-seed`` draws another sample order.
 
 It prints the training loss averaged over every 25 steps. One thread per run, so two variants run
 side by side on a 2-core machine. ``--init-stats N`` trains nothing: over N initialisation seeds it
@@ -107,19 +107,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--clip-norm", type=float, default=None, help="clip the gradient norm at this value")
     parser.add_argument("--schedule-steps", type=int, default=500, help="length of the cosine, as in quality.py")
+    parser.add_argument("--stream-seed", type=int, default=0, help="seed of the data stream (order and crops)")
     parser.add_argument("--epochs", type=int, default=1, help="epochs the stream's --steps are cut into")
     parser.add_argument("--workers", type=int, default=0, help="DataLoader workers reading the stream")
     parser.add_argument("--init-stats", type=int, metavar="N", help="statistics of N fresh models; no training")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     tokenizer = Tokenizer.from_file(f"{args.data}/tokenizer.model", context_length=CONTEXT)
-    # The data stream is the same for every variant and seed: clip_pl's, seeded 0.
+    # The data stream is the same for every variant and initialisation seed: clip_pl's, seeded --stream-seed.
     data = ShardDataModule(f"{args.data}/train", tokenizer, batch_size=128, num_workers=args.workers,
                            image_size=IMAGE_SIZE, samples_per_epoch=128 * args.steps // args.epochs,
-                           shuffle_buffer=5000, seed=0)  # fmt: skip
+                           shuffle_buffer=5000, seed=args.stream_seed)  # fmt: skip
     data.setup("fit")
     # Without DataLoader workers the crops draw from this process's generator: the same crops for every variant.
-    random.seed(0)
+    random.seed(args.stream_seed)
     if args.init_stats:
         return init_stats(args.variant, tokenizer, next(iter(data.train_dataloader())), args.init_stats)
     torch.manual_seed(args.seed)
