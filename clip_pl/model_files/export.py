@@ -122,7 +122,9 @@ def _config_from_metadata(path: str, metadata: dict[str, str]) -> CLIPConfig:
 
 
 def read_exported(path: str | os.PathLike) -> tuple[CLIPConfig, dict[str, torch.Tensor], TextTokenizer]:
-    """The model config, weights and tokenizer of an exported file, checked against each other.
+    """The model config, weights and tokenizer of an exported file, the tokenizer checked against the config.
+
+    Whether the weights fit the config is checked when the model is built (``ModelFile.build``).
 
     Raises:
         ValueError: The file is not a clip_pl export, or its metadata is inconsistent.

@@ -132,9 +132,10 @@ def load_model(path: str | os.PathLike, openclip_model: str | None = None) -> tu
     """The model (eval mode, on CPU) and tokenizer of a clip_pl model file or a pretrained OpenCLIP/OpenAI model.
 
     The format is detected from the content, not the name: a clip_pl training checkpoint (``.ckpt``
-    file or sharded folder) or export (a ``.safetensors`` file whose metadata ``format`` is ``clip_pl``); an OpenCLIP hub-style
-    folder or one of OpenAI's TorchScript ``.pt`` files; any other weights file (an OpenCLIP
-    ``.safetensors``, ``.bin``, ``.pt``) with ``openclip_model``. OpenCLIP/OpenAI models come with
+    file or sharded folder) or export (a ``.safetensors`` file whose metadata ``format`` is
+    ``clip_pl``), read by ``read_model_file``; an OpenCLIP hub-style folder or one of OpenAI's
+    TorchScript ``.pt`` files; any other weights file (an OpenCLIP ``.safetensors``, ``.bin``,
+    ``.pt``) with ``openclip_model``. OpenCLIP/OpenAI models come with
     OpenAI's BPE tokenizer (``clip_pl.model_files.openclip_models.load_openclip``); a folder written by
     ``python -m clip_pl.export --format open_clip`` with the tokenizer it names.
 
