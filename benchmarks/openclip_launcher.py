@@ -20,8 +20,14 @@ import open_clip
 import open_clip_train.data
 from open_clip_train.main import main
 
-if __name__ == "__main__":
+
+def patch_tar_expander() -> None:
+    """Makes open_clip_train's WebDataset pipeline read shards with webdataset 1.x (see above)."""
     open_clip_train.data.tar_file_expander = functools.partial(open_clip_train.data.tar_file_expander, eof_value=None)
+
+
+if __name__ == "__main__":
+    patch_tar_expander()
     open_clip.add_model_config(sys.argv[1])
     # main returns -1 for a refused start (an existing experiment name) instead of raising.
     sys.exit(main(sys.argv[2:]))

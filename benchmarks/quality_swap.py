@@ -13,6 +13,9 @@ the logit-scale clamp), so that only the model and the tokenizer change between 
 checkout's clip_pl model (its initialisation) trains. ``--epochs 4 --workers 1`` cuts the stream as
 ``quality.py``'s ``train.py`` runs do (four epochs of 125 steps, read by one DataLoader worker)
 instead of one epoch read in this process; ``--stream-seed`` draws another sample order.
+``--stream openclip`` reads the same shards through open_clip_train's input pipeline instead (its
+resampled shards, rolling shuffle buffer and PIL crops, normalized with the model's mean and std;
+unseeded, as in OpenCLIP), so that only the input pipeline changes between runs of one variant.
 
 It prints the training loss averaged over every 25 steps. One thread per run, so two variants run
 side by side on a 2-core machine. ``--init-stats N`` trains nothing: over N initialisation seeds it
@@ -27,11 +30,13 @@ spread of its image and text features, the gradient norm of each tower)::
 from __future__ import annotations
 
 import argparse
+import glob
 import itertools
 import math
 import random
 import statistics
 import sys
+from collections.abc import Iterator
 
 import open_clip
 import torch
@@ -48,7 +53,7 @@ VARIANTS = ("clip_pl", "openclip", "clip_pl_bpe")
 
 
 def build(variant: str, tokenizer: Tokenizer):
-    """The model, its input normalization, and ``(normalized images, clip_pl tokens) -> model output``."""
+    """The model, its preprocessing config, and ``(normalized images, clip_pl tokens) -> model output``."""
     if variant == "openclip":
         vision = {"image_size": IMAGE_SIZE, "layers": DEPTH, "width": WIDTH, "patch_size": PATCH, "head_width": 32}
         text = {"context_length": CONTEXT, "vocab_size": 49408, "width": WIDTH, "heads": HEADS, "layers": DEPTH}
@@ -66,10 +71,10 @@ def build(variant: str, tokenizer: Tokenizer):
         model = create_model("tiny", embed_dim=EMBED_DIM, image=image, text=text)
         config = model.preprocess_config
     if variant == "clip_pl":
-        return model, NormalizeImages(config), lambda x, t: model(x, t)[:3]
+        return model, config, lambda x, t: model(x, t)[:3]
     bpe = open_clip.get_tokenizer("ViT-B-32", context_length=CONTEXT)
     # The captions of clip_pl's batch, re-tokenized with OpenAI's BPE.
-    return model, NormalizeImages(config), lambda x, t: model(x, bpe([tokenizer.decode(r) for r in t]))[:3]
+    return model, config, lambda x, t: model(x, bpe([tokenizer.decode(r) for r in t]))[:3]
 
 
 def _spread(features: torch.Tensor) -> float:
@@ -78,14 +83,37 @@ def _spread(features: torch.Tensor) -> float:
     return (1 - (f @ f.T)[~torch.eye(len(f), dtype=torch.bool)]).mean().item()
 
 
+def openclip_stream(data_dir: str, tokenizer: Tokenizer, config: PreprocessConfig, steps: int, epochs: int,
+                    workers: int, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``steps`` batches of (normalized images, clip_pl tokens) from open_clip_train's WebDataset pipeline."""
+    from open_clip_train.data import get_wds_dataset
+    from openclip_launcher import patch_tar_expander
+
+    patch_tar_expander()
+    shards = sorted(glob.glob(f"{data_dir}/train/*.tar"))
+    args = argparse.Namespace(
+        train_data=f"{data_dir}/train/{{00000..{len(shards) - 1:05d}}}.tar", dataset_resampled=True,
+        train_num_samples=128 * steps // epochs, train_data_upsampling_factors=None, batch_size=128,
+        workers=workers, world_size=1, seed=seed,
+    )  # fmt: skip
+    preprocess = open_clip.image_transform(
+        IMAGE_SIZE, is_train=True, mean=config.mean, std=config.std, interpolation=config.interpolation
+    )
+    info = get_wds_dataset(args, preprocess, is_train=True, tokenizer=tokenizer)
+    for epoch in range(epochs):
+        # open_clip_train's loop: the shared epoch seeds each epoch's shard draws.
+        info.set_epoch(epoch)
+        yield from info.dataloader
+
+
 def init_stats(variant: str, tokenizer: Tokenizer, batch: tuple[torch.Tensor, torch.Tensor], seeds: int) -> int:
     """Prints, over ``seeds`` fresh models, mean and std of their loss, feature spreads and gradient norms."""
     images, tokens = batch
     rows = []
     for seed in range(seeds):
         torch.manual_seed(seed)
-        model, normalize, forward = build(variant, tokenizer)
-        out = forward(normalize(images).contiguous(), tokens)
+        model, config, forward = build(variant, tokenizer)
+        out = forward(NormalizeImages(config)(images).contiguous(), tokens)
         loss = ClipLoss()(*out)
         loss.backward()
         norms = {"image": 0.0, "text": 0.0}
@@ -110,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stream-seed", type=int, default=0, help="seed of the data stream (order and crops)")
     parser.add_argument("--epochs", type=int, default=1, help="epochs the stream's --steps are cut into")
     parser.add_argument("--workers", type=int, default=0, help="DataLoader workers reading the stream")
+    parser.add_argument("--stream", choices=("clip_pl", "openclip"), default="clip_pl", help="input pipeline")
     parser.add_argument("--init-stats", type=int, metavar="N", help="statistics of N fresh models; no training")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -124,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.init_stats:
         return init_stats(args.variant, tokenizer, next(iter(data.train_dataloader())), args.init_stats)
     torch.manual_seed(args.seed)
-    model, normalize, forward = build(args.variant, tokenizer)
+    model, config, forward = build(args.variant, tokenizer)
     named = list(model.named_parameters())
     # open_clip_train's groups: no decay for gains, biases and the temperature.
     exclude = [p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n for n, p in named]
@@ -134,8 +163,14 @@ def main(argv: list[str] | None = None) -> int:
     ]
     optimizer = torch.optim.AdamW(groups, lr=1e-3, betas=(0.9, 0.98), eps=1e-6)
     warmup, loss_fn, window = 50, ClipLoss(), []
-    # Each new iteration of the train loader is the stream's next epoch.
-    batches = itertools.chain.from_iterable(data.train_dataloader() for _ in range(args.epochs))
+    if args.stream == "openclip":
+        # Its transform normalizes in the workers.
+        batches = openclip_stream(args.data, tokenizer, config, args.steps, args.epochs, args.workers, args.stream_seed)
+        normalize = torch.nn.Identity()
+    else:
+        # Each new iteration of the train loader is the stream's next epoch.
+        batches = itertools.chain.from_iterable(data.train_dataloader() for _ in range(args.epochs))
+        normalize = NormalizeImages(config)
     for step, (images, tokens) in enumerate(batches):
         progress = (step - warmup) / (args.schedule_steps - warmup)
         lr = 1e-3 * ((step + 1) / warmup if step < warmup else 0.5 * (1 + math.cos(math.pi * progress)))
