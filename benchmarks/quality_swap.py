@@ -139,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=1, help="epochs the stream's --steps are cut into")
     parser.add_argument("--workers", type=int, default=0, help="DataLoader workers reading the stream")
     parser.add_argument("--stream", choices=("clip_pl", "openclip"), default="clip_pl", help="input pipeline")
+    parser.add_argument("--mode", choices=("resampled", "epoch"), default="resampled", help="clip_pl stream's mode")
+    parser.add_argument("--shuffle-buffer", type=int, default=5000, help="clip_pl stream's shuffle block")
     parser.add_argument("--init-stats", type=int, metavar="N", help="statistics of N fresh models; no training")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -146,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     # The data stream is the same for every variant and initialisation seed: clip_pl's, seeded --stream-seed.
     data = ShardDataModule(f"{args.data}/train", tokenizer, batch_size=128, num_workers=args.workers,
                            image_size=IMAGE_SIZE, samples_per_epoch=128 * args.steps // args.epochs,
-                           shuffle_buffer=5000, seed=args.stream_seed)  # fmt: skip
+                           shuffle_buffer=args.shuffle_buffer, mode=args.mode, seed=args.stream_seed)  # fmt: skip
     data.setup("fit")
     # Without DataLoader workers the crops draw from this process's generator: the same crops for every variant.
     random.seed(args.stream_seed)
