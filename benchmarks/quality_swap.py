@@ -1,4 +1,4 @@
-"""Which part of a framework makes it learn faster: the model or the tokenizer, on one data stream.
+"""Which part of a framework makes it learn faster: the model, the tokenizer or the input stream.
 
 ``benchmarks/quality.py`` compares the frameworks whole. This trains one variant at a time on
 clip_pl's own input stream of the same digit shards (built by ``quality.py --out``), with
@@ -12,10 +12,11 @@ the logit-scale clamp), so that only the model and the tokenizer change between 
 ``--clip-norm`` adds gradient clipping; with ``PYTHONPATH`` set to another checkout, that
 checkout's clip_pl model (its initialisation) trains. ``--epochs 4 --workers 1`` cuts the stream as
 ``quality.py``'s ``train.py`` runs do (four epochs of 125 steps, read by one DataLoader worker)
-instead of one epoch read in this process; ``--stream-seed`` draws another sample order.
-``--stream openclip`` reads the same shards through open_clip_train's input pipeline instead (its
-resampled shards, rolling shuffle buffer and PIL crops, normalized with the model's mean and std;
-unseeded, as in OpenCLIP), so that only the input pipeline changes between runs of one variant.
+instead of one epoch read in this process; ``--stream-seed`` draws another sample order and
+``--shuffle-buffer`` sets the size of clip_pl's shuffle blocks. ``--stream openclip`` reads the
+same shards through open_clip_train's input pipeline instead (its resampled shards, rolling shuffle
+buffer and PIL crops, normalized with the model's mean and std; unseeded, as in OpenCLIP), so that
+only the input pipeline changes between runs of one variant.
 
 It prints the training loss averaged over every 25 steps. One thread per run, so two variants run
 side by side on a 2-core machine. ``--init-stats N`` trains nothing: over N initialisation seeds it
@@ -139,7 +140,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=1, help="epochs the stream's --steps are cut into")
     parser.add_argument("--workers", type=int, default=0, help="DataLoader workers reading the stream")
     parser.add_argument("--stream", choices=("clip_pl", "openclip"), default="clip_pl", help="input pipeline")
-    parser.add_argument("--mode", choices=("resampled", "epoch"), default="resampled", help="clip_pl stream's mode")
     parser.add_argument("--shuffle-buffer", type=int, default=5000, help="clip_pl stream's shuffle block")
     parser.add_argument("--init-stats", type=int, metavar="N", help="statistics of N fresh models; no training")
     args = parser.parse_args(argv)
@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     # The data stream is the same for every variant and initialisation seed: clip_pl's, seeded --stream-seed.
     data = ShardDataModule(f"{args.data}/train", tokenizer, batch_size=128, num_workers=args.workers,
                            image_size=IMAGE_SIZE, samples_per_epoch=128 * args.steps // args.epochs,
-                           shuffle_buffer=args.shuffle_buffer, mode=args.mode, seed=args.stream_seed)  # fmt: skip
+                           shuffle_buffer=args.shuffle_buffer, seed=args.stream_seed)  # fmt: skip
     data.setup("fit")
     # Without DataLoader workers the crops draw from this process's generator: the same crops for every variant.
     random.seed(args.stream_seed)
