@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     tokenizer = Tokenizer.from_file(f"{args.data}/tokenizer.model", context_length=CONTEXT)
-    # The data stream is the same for every variant and initialisation seed: clip_pl's, seeded --stream-seed.
+    # clip_pl's stream is the same for every variant and initialisation seed, seeded --stream-seed.
     data = ShardDataModule(f"{args.data}/train", tokenizer, batch_size=128, num_workers=args.workers,
                            image_size=IMAGE_SIZE, samples_per_epoch=128 * args.steps // args.epochs,
                            shuffle_buffer=args.shuffle_buffer, seed=args.stream_seed)  # fmt: skip
