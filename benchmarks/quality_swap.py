@@ -84,8 +84,9 @@ def _spread(features: torch.Tensor) -> float:
     return (1 - (f @ f.T)[~torch.eye(len(f), dtype=torch.bool)]).mean().item()
 
 
-def openclip_stream(data_dir: str, tokenizer: Tokenizer, config: PreprocessConfig, steps: int, epochs: int,
-                    workers: int, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def openclip_stream(
+    data_dir: str, tokenizer: Tokenizer, config: PreprocessConfig, steps: int, epochs: int, workers: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """``steps`` batches of (normalized images, clip_pl tokens) from open_clip_train's WebDataset pipeline."""
     from open_clip_train.data import get_wds_dataset
     from openclip_launcher import patch_tar_expander
@@ -95,7 +96,8 @@ def openclip_stream(data_dir: str, tokenizer: Tokenizer, config: PreprocessConfi
     args = argparse.Namespace(
         train_data=f"{data_dir}/train/{{00000..{len(shards) - 1:05d}}}.tar", dataset_resampled=True,
         train_num_samples=128 * steps // epochs, train_data_upsampling_factors=None, batch_size=128,
-        workers=workers, world_size=1, seed=seed,
+        # seed only orders shards without resampling; the resampled draws follow the worker seed.
+        workers=workers, world_size=1, seed=0,
     )  # fmt: skip
     preprocess = open_clip.image_transform(
         IMAGE_SIZE, is_train=True, mean=config.mean, std=config.std, interpolation=config.interpolation
@@ -105,6 +107,19 @@ def openclip_stream(data_dir: str, tokenizer: Tokenizer, config: PreprocessConfi
         # open_clip_train's loop: the shared epoch seeds each epoch's shard draws.
         info.set_epoch(epoch)
         yield from info.dataloader
+
+
+def clip_pl_stream(data_dir: str, tokenizer: Tokenizer, steps: int, epochs: int, workers: int, seed: int,
+                   shuffle_buffer: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``steps`` batches of (uint8 images, tokens) from clip_pl's training stream, seeded ``seed``."""
+    data = ShardDataModule(f"{data_dir}/train", tokenizer, batch_size=128, num_workers=workers,
+                           image_size=IMAGE_SIZE, samples_per_epoch=128 * steps // epochs,
+                           shuffle_buffer=shuffle_buffer, seed=seed)  # fmt: skip
+    data.setup("fit")
+    # Without DataLoader workers the crops draw from this process's generator: the same crops for every variant.
+    random.seed(seed)
+    # Each new iteration of the train loader is the stream's next epoch.
+    return itertools.chain.from_iterable(data.train_dataloader() for _ in range(epochs))
 
 
 def init_stats(variant: str, tokenizer: Tokenizer, batch: tuple[torch.Tensor, torch.Tensor], seeds: int) -> int:
@@ -145,15 +160,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     tokenizer = Tokenizer.from_file(f"{args.data}/tokenizer.model", context_length=CONTEXT)
-    # clip_pl's stream is the same for every variant and initialisation seed, seeded --stream-seed.
-    data = ShardDataModule(f"{args.data}/train", tokenizer, batch_size=128, num_workers=args.workers,
-                           image_size=IMAGE_SIZE, samples_per_epoch=128 * args.steps // args.epochs,
-                           shuffle_buffer=args.shuffle_buffer, seed=args.stream_seed)  # fmt: skip
-    data.setup("fit")
-    # Without DataLoader workers the crops draw from this process's generator: the same crops for every variant.
-    random.seed(args.stream_seed)
+    # clip_pl's stream is the same for every variant and initialisation seed, seeded --stream-seed;
+    # --init-stats always reads its first batch.
+    if args.stream == "clip_pl" or args.init_stats:
+        batches = clip_pl_stream(args.data, tokenizer, args.steps, args.epochs, args.workers, args.stream_seed,
+                                 args.shuffle_buffer)  # fmt: skip
     if args.init_stats:
-        return init_stats(args.variant, tokenizer, next(iter(data.train_dataloader())), args.init_stats)
+        return init_stats(args.variant, tokenizer, next(batches), args.init_stats)
     torch.manual_seed(args.seed)
     model, config, forward = build(args.variant, tokenizer)
     named = list(model.named_parameters())
@@ -167,11 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     warmup, loss_fn, window = 50, ClipLoss(), []
     if args.stream == "openclip":
         # Its transform normalizes in the workers.
-        batches = openclip_stream(args.data, tokenizer, config, args.steps, args.epochs, args.workers, args.stream_seed)
+        batches = openclip_stream(args.data, tokenizer, config, args.steps, args.epochs, args.workers)
         normalize = torch.nn.Identity()
     else:
-        # Each new iteration of the train loader is the stream's next epoch.
-        batches = itertools.chain.from_iterable(data.train_dataloader() for _ in range(args.epochs))
         normalize = NormalizeImages(config)
     for step, (images, tokens) in enumerate(batches):
         progress = (step - warmup) / (args.schedule_steps - warmup)
