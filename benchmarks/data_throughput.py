@@ -31,13 +31,13 @@ crop-resize on uint8 tensors with crop parameters drawn from Python's ``random``
 (normalized on the device by ``CLIPModule``).
 
 Shuffle buffers: both shuffles hold raw (undecoded) samples, so their size does not change the work
-per sample, but it changes *when* tar reading happens. clip_pl's blockwise shuffle reads a whole
-block (``shuffle_buffer``, 1000-5000 in the configs) at once, so a short window may contain no tar
-reading at all; OpenCLIP's ``shuffle(5000, initial=1000)`` reads two samples per sample yielded until
-its buffer is full (the first 4000 samples of each worker), so a short window pays tar reading
-twice. Neither is the steady state of a long run, where each sample is read once. The benchmark
-therefore uses ``shuffle_buffer=batch_size`` for clip_pl and ``shuffle(1000, initial=1000)`` for
-OpenCLIP: after the warm-up batches both read exactly one raw sample per sample yielded.
+per sample, but it changes *when* tar reading happens. clip_pl's resampled stream fills its rolling
+buffer (``shuffle_buffer``, 1000-5000 in the configs) before the first sample, so a short window
+early in a run may contain no tar reading at all; OpenCLIP's ``shuffle(5000, initial=1000)`` reads
+two samples per sample yielded until its buffer is full (the first 4000 samples of each worker), so
+a short window pays tar reading twice. Neither is the steady state of a long run, where each
+sample is read once. The benchmark therefore uses ``shuffle_buffer=batch_size`` for clip_pl and
+``shuffle(1000, initial=1000)`` for OpenCLIP: after the warm-up batches both read exactly one raw sample per sample yielded.
 
 Limits, single process, over the same JPEG bytes held in memory: ``decode-only:pil`` is
 ``Image.open(...).convert("RGB")``, ``decode-only`` is ``decode_pixels`` without draft (the fastest

@@ -13,7 +13,7 @@ the logit-scale clamp), so that only the model and the tokenizer change between 
 checkout's clip_pl model (its initialisation) trains. ``--epochs 4 --workers 1`` cuts the stream as
 ``quality.py``'s ``train.py`` runs do (four epochs of 125 steps, read by one DataLoader worker)
 instead of one epoch read in this process; ``--stream-seed`` draws another sample order and
-``--shuffle-buffer`` sets the size of clip_pl's shuffle blocks. ``--stream openclip`` reads the
+``--shuffle-buffer`` sets the size of clip_pl's shuffle buffer. ``--stream openclip`` reads the
 same shards through open_clip_train's input pipeline instead (its resampled shards, rolling shuffle
 buffer and PIL crops, normalized with the model's mean and std; unseeded, as in OpenCLIP), so that
 only the input pipeline changes between runs of one variant.
@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=1, help="epochs the stream's --steps are cut into")
     parser.add_argument("--workers", type=int, default=0, help="DataLoader workers reading the stream")
     parser.add_argument("--stream", choices=("clip_pl", "openclip"), default="clip_pl", help="input pipeline")
-    parser.add_argument("--shuffle-buffer", type=int, default=5000, help="clip_pl stream's shuffle block")
+    parser.add_argument("--shuffle-buffer", type=int, default=5000, help="clip_pl stream's shuffle buffer")
     parser.add_argument("--init-stats", type=int, metavar="N", help="statistics of N fresh models; no training")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)

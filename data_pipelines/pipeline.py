@@ -20,7 +20,8 @@ Modes:
   leaves out others. A worker whose range holds broken samples tops up its last batch by reading
   its range again, so a broken sample costs one repeated sample, never a missing batch.
 
-Shuffling is blockwise: ``shuffle_buffer`` consecutive samples are permuted together with a
+Shuffling: a resampled stream passes through a rolling buffer of ``shuffle_buffer`` samples. An
+epoch is shuffled blockwise: ``shuffle_buffer`` consecutive samples are permuted together with a
 generator seeded by their position. Unlike a rolling buffer this lets a resumed epoch start at the
 exact sample where the interrupted one stopped.
 
@@ -39,6 +40,7 @@ from itertools import accumulate, islice
 
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
+from webdataset.filters import shuffle as wds_shuffle
 
 from data_pipelines.counters import SkipCounters
 from data_pipelines.ranks import rank_and_world_size
@@ -254,7 +256,7 @@ class ShardStream(IterableDataset):
         batch_size: Samples per batch on this rank.
         decoder: Turns a raw sample into (image tensor, caption).
         mode: ``"resampled"`` or ``"epoch"``.
-        shuffle_buffer: Samples permuted together.
+        shuffle_buffer: Samples in the rolling shuffle buffer (resampled) or permuted together (epoch).
         seed: Seed of shard order, draws and shuffles.
         rank: This rank; default from torch.distributed.
         world_size: Number of ranks; default from torch.distributed.
@@ -375,9 +377,10 @@ class ShardStream(IterableDataset):
                         f"last error: {tally.last_error!r})"
                     )
 
-        for block in _chunks(draws(), self.shuffle_buffer):
-            rng.shuffle(block)
-            yield from block
+        # A rolling buffer (webdataset's), filled before the first sample: each batch mixes samples
+        # from about twice as many shards as blocks of the same size. A resampled stream restarts
+        # from a new seed on resume anyway, so it needs no block boundaries to resume at.
+        yield from wds_shuffle(bufsize=self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(draws())
 
 
 def _batches(

@@ -99,6 +99,18 @@ def test_resampled_weights_1_to_3_give_about_1_to_3(make_tiny_shards, tiny_token
     assert 0.70 < share_b < 0.80
 
 
+def test_resampled_batches_mix_more_shards_than_the_buffer_holds_whole(make_tiny_shards, tiny_tokenizer, read_ids):
+    # Shards of 12 and a buffer of 24: a batch cut from blocks of 24 consecutive samples would come
+    # from at most 2 shards. A rolling buffer keeps samples of earlier shards for longer.
+    spec, _ = make_tiny_shards([12] * 8)
+    dm = datamodule(
+        spec, tiny_tokenizer, mode="resampled", shuffle_buffer=24, samples_per_epoch=480, num_workers=0, image_size=4
+    )
+    shards_per_batch = [len({i // 12 for i in batch}) for batch in epoch_ids(dm.train_dataloader(), read_ids)]
+    assert len(shards_per_batch) == 120
+    assert sum(shards_per_batch) / len(shards_per_batch) > 2.3
+
+
 def test_same_seed_gives_the_same_stream(make_tiny_shards, tiny_tokenizer, read_ids):
     spec, _ = make_tiny_shards([10, 30, 20])
 
