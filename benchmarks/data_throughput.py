@@ -37,7 +37,8 @@ early in a run may contain no tar reading at all; OpenCLIP's ``shuffle(5000, ini
 two samples per sample yielded until its buffer is full (the first 4000 samples of each worker), so
 a short window pays tar reading twice. Neither is the steady state of a long run, where each
 sample is read once. The benchmark therefore uses ``shuffle_buffer=batch_size`` for clip_pl and
-``shuffle(1000, initial=1000)`` for OpenCLIP: after the warm-up batches both read exactly one raw sample per sample yielded.
+``shuffle(1000, initial=1000)`` for OpenCLIP: after the warm-up batches both read exactly one raw
+sample per sample yielded.
 
 Limits, single process, over the same JPEG bytes held in memory: ``decode-only:pil`` is
 ``Image.open(...).convert("RGB")``, ``decode-only`` is ``decode_pixels`` without draft (the fastest

@@ -377,9 +377,10 @@ class ShardStream(IterableDataset):
                         f"last error: {tally.last_error!r})"
                     )
 
-        # A rolling buffer (webdataset's), filled before the first sample: each batch mixes samples
-        # from about twice as many shards as blocks of the same size. A resampled stream restarts
-        # from a new seed on resume anyway, so it needs no block boundaries to resume at.
+        # A rolling buffer (webdataset's), filled before the first sample: a batch mixes samples of
+        # more shards than blocks of the same size give (7.9 against 4.6 with shards of a fifth of
+        # the buffer, benchmarks/RESULTS.md). A resampled stream restarts from a new seed on resume
+        # anyway, so it needs no block boundaries to resume at.
         yield from wds_shuffle(bufsize=self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(draws())
 
 
