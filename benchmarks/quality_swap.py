@@ -15,8 +15,10 @@ checkout's clip_pl model (its initialisation) trains. ``--epochs 4 --workers 1``
 instead of one epoch read in this process; ``--stream-seed`` draws another sample order and
 ``--shuffle-buffer`` sets the size of clip_pl's shuffle buffer. ``--stream openclip`` reads the
 same shards through open_clip_train's input pipeline instead (its resampled shards, rolling shuffle
-buffer and PIL crops, normalized with the model's mean and std; unseeded, as in OpenCLIP), so that
-only the input pipeline changes between runs of one variant.
+buffer and PIL crops, normalized with the model's mean and std), so that only the input pipeline
+changes between runs of one variant. Its shard draws and crops follow the DataLoader's worker seed,
+which comes from torch's generator after the model is built, so from ``--seed``; its sample
+shuffle is seeded from the process id and the clock, as in OpenCLIP.
 
 It prints the training loss averaged over every 25 steps. One thread per run, so two variants run
 side by side on a 2-core machine. ``--init-stats N`` trains nothing: over N initialisation seeds it
