@@ -33,6 +33,7 @@ spread of its image and text features, the gradient norm of each tower)::
 from __future__ import annotations
 
 import argparse
+import functools
 import glob
 import itertools
 import math
@@ -162,13 +163,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     tokenizer = Tokenizer.from_file(f"{args.data}/tokenizer.model", context_length=CONTEXT)
-    # clip_pl's stream is the same for every variant and initialisation seed, seeded --stream-seed;
-    # --init-stats always reads its first batch.
-    if args.stream == "clip_pl" or args.init_stats:
-        batches = clip_pl_stream(args.data, tokenizer, args.steps, args.epochs, args.workers, args.stream_seed,
-                                 args.shuffle_buffer)  # fmt: skip
+    # clip_pl's stream is the same for every variant and initialisation seed, seeded --stream-seed.
+    clip_pl_batches = functools.partial(clip_pl_stream, args.data, tokenizer, args.steps, args.epochs, args.workers,
+                                        args.stream_seed, args.shuffle_buffer)  # fmt: skip
     if args.init_stats:
-        return init_stats(args.variant, tokenizer, next(batches), args.init_stats)
+        return init_stats(args.variant, tokenizer, next(clip_pl_batches()), args.init_stats)
     torch.manual_seed(args.seed)
     model, config, forward = build(args.variant, tokenizer)
     named = list(model.named_parameters())
@@ -185,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         batches = openclip_stream(args.data, tokenizer, config, args.steps, args.epochs, args.workers)
         normalize = torch.nn.Identity()
     else:
+        batches = clip_pl_batches()
         normalize = NormalizeImages(config)
     for step, (images, tokens) in enumerate(batches):
         progress = (step - warmup) / (args.schedule_steps - warmup)
